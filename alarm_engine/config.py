@@ -1,0 +1,91 @@
+"""Settings, read from the environment with loopback defaults.
+
+One place for every knob so the CLI, the workers and the tests agree on
+topic names and addresses.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+# Logical topic names; the physical name is prefix + logical name.
+INPUT_TOPICS = ("monitored-pvs", "alarms", "shelved-alarms", "alarm-activations")
+OUTPUT_TOPICS = ("pv-state", "active-alarms", "dead-letters")
+ALL_TOPICS = INPUT_TOPICS + OUTPUT_TOPICS
+
+# Which schema file describes the values of each logical topic.
+VALUE_SCHEMAS = {
+    "monitored-pvs": "monitored-pvs-value",
+    "alarms": "alarms-value",
+    "shelved-alarms": "shelved-alarms-value",
+    "alarm-activations": "alarm-activations-value",
+    "pv-state": "pv-state-value",
+    "active-alarms": "active-alarms-value",
+    "dead-letters": "dead-letters-value",
+}
+
+
+def _list(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    bootstrap: str = "127.0.0.1:9092"
+    registry_url: str = "http://127.0.0.1:8081/apis/ccompat/v7"
+    topic_prefix: str = ""
+    partitions: int = 3
+    replication: int = 1
+    # Empty tuple: any value is accepted.
+    locations: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
+    # Seconds a PV may take to connect after subscribing before it alarms.
+    connect_grace_s: float = 5.0
+    app_id: str = "alarm-engine"
+    data_dir: str = ".alarm-engine-data"
+    # Kafka security: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def kafka_kwargs(self) -> dict:
+        """Connection options shared by every aiokafka client."""
+        kw = {"bootstrap_servers": self.bootstrap, "security_protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            kw.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                      sasl_plain_password=self.sasl_password)
+        if self.security_protocol.endswith("SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            kw["ssl_context"] = create_ssl_context(cafile=self.ssl_cafile)
+        return kw
+
+    def topic(self, logical: str) -> str:
+        return self.topic_prefix + logical
+
+    @classmethod
+    def from_env(cls, env=None, **overrides) -> "Settings":
+        env = os.environ if env is None else env
+        values = dict(
+            bootstrap=env.get("BOOTSTRAP_SERVERS", cls.bootstrap),
+            registry_url=env.get("SCHEMA_REGISTRY", cls.registry_url),
+            topic_prefix=env.get("ALARM_ENGINE_TOPIC_PREFIX", ""),
+            partitions=int(env.get("ALARM_ENGINE_PARTITIONS", cls.partitions)),
+            replication=int(env.get("ALARM_ENGINE_REPLICATION", cls.replication)),
+            locations=_list(env.get("ALARM_ENGINE_LOCATIONS")),
+            categories=_list(env.get("ALARM_ENGINE_CATEGORIES")),
+            connect_grace_s=float(env.get("ALARM_ENGINE_CONNECT_GRACE", cls.connect_grace_s)),
+            app_id=env.get("ALARM_ENGINE_APP_ID", cls.app_id),
+            data_dir=env.get("ALARM_ENGINE_DATA_DIR", cls.data_dir),
+            security_protocol=env.get("KAFKA_SECURITY_PROTOCOL", cls.security_protocol),
+            sasl_mechanism=env.get("KAFKA_SASL_MECHANISM", cls.sasl_mechanism),
+            sasl_username=env.get("KAFKA_SASL_USERNAME"),
+            sasl_password=env.get("KAFKA_SASL_PASSWORD"),
+            ssl_cafile=env.get("KAFKA_SSL_CAFILE"),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
