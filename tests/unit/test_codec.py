@@ -14,37 +14,9 @@ from hypothesis import given, settings as hsettings, strategies as st
 from alarm_engine.codec import BadRecord, Codec, decode_key, load_schema
 from alarm_engine.config import VALUE_SCHEMAS
 
+from conftest import FakeRegistry  # noqa: E402  (tests/unit/conftest.py)
+
 LEGACY = Path(__file__).resolve().parents[2] / "schemas" / "legacy"
-
-
-class FakeRegistry:
-    """Stands in for the registry's id table only; the registry itself is
-    exercised by the integration tests."""
-
-    def __init__(self):
-        self.by_id: dict[int, dict] = {}
-
-    def register(self, subject, schema):
-        for sid, s in self.by_id.items():
-            if s == schema:
-                return sid
-        sid = len(self.by_id) + 1
-        self.by_id[sid] = schema
-        return sid
-
-    def fetch(self, sid):
-        return self.by_id.get(sid)
-
-
-@pytest.fixture(scope="module")
-def reg():
-    return FakeRegistry()
-
-
-@pytest.fixture(scope="module")
-def codec(reg):
-    schemas = {t: load_schema(n) for t, n in VALUE_SCHEMAS.items()}
-    return Codec(schemas, reg.fetch, reg.register)
 
 
 def frame(sid: int, schema: dict, datum: dict) -> bytes:

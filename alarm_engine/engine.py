@@ -1,0 +1,225 @@
+"""The engine's record handling, free of Faust: tables are plain mappings.
+
+Two processors sit between the topics and the pure core:
+
+- `Router` (partitioned by PV): keeps each PV's latest state and the alarms
+  that depend on it, and forwards PV states to those alarms on the internal
+  `alarm-inputs` topic, keyed by alarm. This repartition is what lets a rule
+  over several PVs be evaluated in one place whichever workers own the PVs.
+- `AlarmProcessor` (partitioned by alarm): keeps each alarm's core state,
+  steps it with every definition, shelving, activation, PV input and timer
+  tick, publishes `active-alarms` when what is shown changes, and tells the
+  router which PVs the alarm depends on (internal `alarm-deps`, keyed by PV).
+
+Both return the records to send instead of sending them, so they are tested
+with dicts, and the Faust agents in app.py only move bytes.
+Time is each record's timestamp, so replaying the same records gives the
+same results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from functools import lru_cache
+from typing import MutableMapping, NamedTuple
+
+from alarm_engine import records
+from alarm_engine.codec import BadRecord, Codec
+from alarm_engine.config import Settings
+from alarm_engine.core import (
+    Activation,
+    ActivationSet,
+    AlarmDef,
+    AlarmState,
+    DefinitionSet,
+    PVUpdate,
+    Severity,
+    Shelving,
+    ShelvingSet,
+    Shown,
+    Tick,
+    next_deadline,
+    step,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Out(NamedTuple):
+    """A record to send: logical topic, key, encoded value (None: tombstone)."""
+
+    topic: str
+    key: bytes
+    value: bytes | None
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+# --- the alarm state in a table, as JSON ------------------------------------
+
+def _def_to_json(d: AlarmDef | None):
+    if d is None:
+        return None
+    return [d.name, d.kind, d.pv, d.expression, d.priority, int(d.rule_severity), d.location,
+            d.category, d.doc_url, d.edm_path, d.description]
+
+
+@lru_cache(maxsize=65536)
+def _def_from_tuple(t: tuple) -> AlarmDef:
+    # Cached: parsing a rule for every event would dominate the hot path.
+    name, kind, pv, expression, priority, sev, *meta = t
+    return AlarmDef(name, kind, pv, expression, priority, Severity(sev), *meta)
+
+
+def state_to_json(s: AlarmState) -> dict:
+    return {
+        "def": _def_to_json(s.definition),
+        "inputs": {pv: records.pv_state_datum(st) for pv, st in s.inputs.items()},
+        "shelving": asdict(s.shelving) if s.shelving else None,
+        "consumed": s.shelving_consumed,
+        "activation": asdict(s.activation) if s.activation else None,
+        "first_seen": s.first_seen_ms,
+        "since": s.active_since_ms,
+        "shown": {**asdict(s.shown), "severity": int(s.shown.severity)} if s.shown else None,
+        # Kept beside the state so that timers are rebuilt without decoding every alarm.
+        "deadline": next_deadline(s),
+    }
+
+
+def state_from_json(j: dict | None) -> AlarmState:
+    if j is None:
+        return AlarmState()
+    shown = j["shown"]
+    return AlarmState(
+        definition=_def_from_tuple(tuple(j["def"])) if j["def"] else None,
+        inputs={pv: records.pv_state(d) for pv, d in j["inputs"].items()},
+        shelving=Shelving(**j["shelving"]) if j["shelving"] else None,
+        shelving_consumed=j["consumed"],
+        activation=Activation(**j["activation"]) if j["activation"] else None,
+        first_seen_ms=j["first_seen"],
+        active_since_ms=j["since"],
+        shown=Shown(**{**shown, "severity": Severity(shown["severity"])}) if shown else None,
+    )
+
+
+def is_empty(s: AlarmState) -> bool:
+    return s == AlarmState()
+
+
+# --- the processors ---------------------------------------------------------
+
+class AlarmProcessor:
+    """Handles the records keyed by alarm name."""
+
+    def __init__(self, settings: Settings, codec: Codec, table: MutableMapping[str, dict]):
+        self.settings = settings
+        self.codec = codec
+        self.table = table
+        self.deadlines: dict[str, int] = {}  # alarm -> when to tick (this worker's alarms)
+
+    def event_for(self, topic: str, key: str, value: bytes | None, ts_ms: int):
+        """Decode and validate one input record into a core event."""
+        if topic == "alarm-inputs":
+            msg = json.loads(value)
+            if "tick" in msg:
+                return Tick()
+            state = records.pv_state(msg["state"]) if msg["state"] is not None else None
+            return PVUpdate(msg["pv"], state)
+        datum = self.codec.decode(topic, value)
+        if topic == "alarms":
+            return DefinitionSet(None if datum is None else records.alarm_def(key, datum, self.settings))
+        if topic == "shelved-alarms":
+            return ShelvingSet(None if datum is None else records.shelving(key, datum, ts_ms))
+        if topic == "alarm-activations":
+            return ActivationSet(None if datum is None else records.activation(datum))
+        raise BadRecord(f"{topic} is not an alarm input")
+
+    def handle(self, topic: str, key: str, value: bytes | None, ts_ms: int) -> list[Out]:
+        event = self.event_for(topic, key, value, ts_ms)
+        raw = self.table.get(key)
+        old = state_from_json(raw)
+        new = step(old, event, ts_ms)
+        out: list[Out] = []
+        if isinstance(event, DefinitionSet):
+            out.extend(self._dependency_changes(key, old.definition, new.definition))
+        if new.shown != old.shown:
+            out.append(Out("active-alarms", key.encode(),
+                           self.codec.encode("active-alarms", records.shown_datum(new.shown))))
+        if new != old:
+            if is_empty(new):
+                if raw is not None:
+                    del self.table[key]
+            else:
+                self.table[key] = state_to_json(new)
+        deadline = next_deadline(new)
+        if deadline is None:
+            self.deadlines.pop(key, None)
+        else:
+            self.deadlines[key] = deadline
+        return out
+
+    @staticmethod
+    def _dependency_changes(alarm: str, old: AlarmDef | None, new: AlarmDef | None) -> list[Out]:
+        before = old.pvs() if old else frozenset()
+        after = new.pvs() if new else frozenset()
+        out = [Out("alarm-deps", pv.encode(), _json({"alarm": alarm, "uses": True})) for pv in sorted(after - before)]
+        out += [Out("alarm-deps", pv.encode(), _json({"alarm": alarm, "uses": False})) for pv in sorted(before - after)]
+        return out
+
+    def due(self, now_ms: int) -> list[Out]:
+        """Ticks for the alarms whose shown state changes by itself by now."""
+        due = [k for k, t in self.deadlines.items() if t <= now_ms]
+        for k in due:
+            del self.deadlines[k]
+        return [Out("alarm-inputs", k.encode(), _json({"tick": now_ms})) for k in due]
+
+    def rebuild_deadlines(self, items) -> None:
+        self.deadlines = {k: v["deadline"] for k, v in items if v.get("deadline") is not None}
+
+
+class Router:
+    """Handles the records keyed by PV name: PV states and alarm dependencies."""
+
+    def __init__(self, codec: Codec, latest: MutableMapping[str, dict], dependents: MutableMapping[str, list]):
+        self.codec = codec
+        self.latest = latest
+        self.dependents = dependents
+
+    def handle(self, topic: str, key: str, value: bytes | None) -> list[Out]:
+        if topic == "pv-state":
+            datum = self.codec.decode("pv-state", value)
+            if datum is not None:
+                records.pv_state(datum)  # validate before it spreads
+                self.latest[key] = datum
+            elif key in self.latest:
+                del self.latest[key]
+            msg = _json({"pv": key, "state": datum})
+            return [Out("alarm-inputs", a.encode(), msg) for a in self.dependents.get(key, ())]
+        if topic == "alarm-deps":
+            dep = json.loads(value)
+            alarm, uses = dep["alarm"], bool(dep["uses"])
+            current = self.dependents.get(key, [])
+            if uses and alarm not in current:
+                self.dependents[key] = sorted(current + [alarm])
+                # A new dependent learns the PV's current state at once.
+                if key in self.latest:
+                    return [Out("alarm-inputs", alarm.encode(), _json({"pv": key, "state": self.latest[key]}))]
+            elif not uses and alarm in current:
+                rest = [a for a in current if a != alarm]
+                if rest:
+                    self.dependents[key] = rest
+                else:
+                    del self.dependents[key]
+            return []
+        raise BadRecord(f"{topic} is not a PV-keyed topic")
+
+
+def dead_letter(codec: Codec, topic: str, partition: int, offset: int, key: bytes | None,
+                value: bytes | None, reason: str, now_ms: int) -> Out:
+    datum = {"sourceTopic": topic, "partition": partition, "offset": offset, "key": key,
+             "value": value, "reason": reason, "timestamp": now_ms}
+    return Out("dead-letters", key or b"", codec.encode("dead-letters", datum))
