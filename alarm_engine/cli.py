@@ -179,7 +179,8 @@ HEADERS = {
 }
 
 
-def print_table(headers: list[str], rows: list[list[str]], out=sys.stdout) -> None:
+def print_table(headers: list[str], rows: list[list[str]], out=None) -> None:
+    out = out or sys.stdout
     widths = [max([len(h)] + [len(str(r[i])) for r in rows]) for i, h in enumerate(headers)]
     for line in [headers] + rows:
         out.write("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() + "\n")

@@ -12,7 +12,7 @@ Two processors sit between the topics and the pure core:
   router which PVs the alarm depends on (internal `alarm-deps`, keyed by PV).
 
 Both return the records to send instead of sending them, so they are tested
-with dicts, and the Faust agents in app.py only move bytes.
+with dicts, and the Faust agents in agents.py only move bytes.
 Time is each record's timestamp, so replaying the same records gives the
 same results.
 """

@@ -5,16 +5,11 @@ own through a unique topic prefix, so tests never see each other's records."""
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 
 import pytest
 
-# CA on loopback only, before anything imports pyepics.
-os.environ.setdefault("EPICS_CA_AUTO_ADDR_LIST", "NO")
-os.environ.setdefault("EPICS_CA_ADDR_LIST", "127.0.0.1")
-
-from alarm_engine.config import Settings  # noqa: E402
+from alarm_engine.config import Settings
 
 
 @pytest.fixture

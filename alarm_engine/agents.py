@@ -102,8 +102,8 @@ LOGICAL = {settings.topic(t): t for t in ("monitored-pvs", "pv-state", "alarm-de
 
 
 def _table(name: str, help: str) -> faust.Table:
-    return app.Table(name, default=None, partitions=P, key_type=bytes, value_type=None,
-                     key_serializer="raw", value_serializer="json", help=help)
+    return app.Table(name, default=None, partitions=P, help=help,
+                     schema=faust.Schema(key_type=bytes, key_serializer="raw", value_serializer="json"))
 
 
 monitored = _table("monitored", "Monitored PVs of this worker's partitions: PV -> CA monitor mask and partition.")
