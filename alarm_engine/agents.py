@@ -21,7 +21,6 @@ import logging
 import os
 import socket
 import time
-from datetime import timedelta
 
 import faust
 
@@ -53,6 +52,12 @@ def _credentials(s: Settings):
     return ssl_context
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class AlarmEngineApp(faust.App):
     async def on_first_start(self) -> None:
         await super().on_first_start()
@@ -73,8 +78,10 @@ app = AlarmEngineApp(
     value_serializer="raw",
     consumer_auto_offset_reset="earliest",
     producer_acks=-1,
-    web_enabled=os.environ.get("ALARM_ENGINE_WEB", "") not in ("", "0", "no"),
-    web_port=int(os.environ.get("ALARM_ENGINE_WEB_PORT", "6066")),
+    # `faust worker` turns the web server on unless given --without-web; a free
+    # port by default lets several workers share a machine (--web-port N pins it).
+    web_port=int(os.environ.get("ALARM_ENGINE_WEB_PORT") or _free_port()),
+    web_bind="127.0.0.1",
     stream_wait_empty=False,
     table_standby_replicas=0,
 )
@@ -85,11 +92,8 @@ def _topic(logical: str, **kw) -> faust.TopicT:
                      key_serializer="raw", value_serializer="raw", partitions=P, **kw)
 
 
-# Outputs, by logical name.
-OUT = {name: _topic(name) for name in ("pv-state", "active-alarms", "dead-letters")}
-# Internal repartition streams: plain deletion, the tables hold the state.
-for name in ("alarm-deps", "alarm-inputs"):
-    OUT[name] = _topic(name, internal=True, retention=timedelta(days=7), deleting=True, compacting=False)
+# Outputs, by logical name (topics.ensure_topics creates them all, with their cleanup policies).
+OUT = {name: _topic(name) for name in ("pv-state", "active-alarms", "dead-letters", "alarm-deps", "alarm-inputs")}
 
 monitored_in = _topic("monitored-pvs")
 pv_keyed_in = app.topic(settings.topic("pv-state"), settings.topic("alarm-deps"),
@@ -102,8 +106,8 @@ LOGICAL = {settings.topic(t): t for t in ("monitored-pvs", "pv-state", "alarm-de
 
 
 def _table(name: str, help: str) -> faust.Table:
-    return app.Table(name, default=None, partitions=P, help=help,
-                     schema=faust.Schema(key_type=bytes, key_serializer="raw", value_serializer="json"))
+    # key_type bytes: raw keys (the record keys as they are); values are JSON.
+    return app.Table(name, default=None, partitions=P, help=help, key_type=bytes)
 
 
 monitored = _table("monitored", "Monitored PVs of this worker's partitions: PV -> CA monitor mask and partition.")

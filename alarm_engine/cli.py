@@ -321,7 +321,7 @@ async def cmd_topics(args, settings: Settings) -> int:
             extra = FAST_COMPACTION
         created = await ensure_topics(settings, extra_config=extra)
         print(f"created {len(created)} topic(s){': ' + ', '.join(created) if created else ''}; "
-              f"all compacted, {settings.partitions} partition(s) for new ones")
+              f"{settings.partitions} partition(s) for new ones")
     else:
         for name, info in sorted((await describe(settings)).items()):
             state = "missing" if info["error"] else f"{info['partitions']} partition(s)"

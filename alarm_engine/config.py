@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 # Logical topic names; the physical name is prefix + logical name.
 INPUT_TOPICS = ("monitored-pvs", "alarms", "shelved-alarms", "alarm-activations")
 OUTPUT_TOPICS = ("pv-state", "active-alarms", "dead-letters")
-ALL_TOPICS = INPUT_TOPICS + OUTPUT_TOPICS
+# Repartition streams between the engine's agents: plain retention, since the
+# tables hold the state (a compacted alarm-deps would keep one alarm per PV).
+INTERNAL_TOPICS = ("alarm-deps", "alarm-inputs")
+ALL_TOPICS = INPUT_TOPICS + OUTPUT_TOPICS + INTERNAL_TOPICS
 
 # Which schema file describes the values of each logical topic.
 VALUE_SCHEMAS = {

@@ -7,37 +7,41 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from alarm_engine.config import ALL_TOPICS, Settings
+from alarm_engine.config import ALL_TOPICS, INTERNAL_TOPICS, Settings
 
 log = logging.getLogger(__name__)
 
 COMPACTED = {"cleanup.policy": "compact"}
+STREAM = {"cleanup.policy": "delete", "retention.ms": str(7 * 24 * 3600 * 1000)}
 
 
 async def ensure_topics(settings: Settings, topics=ALL_TOPICS, extra_config: dict | None = None) -> list[str]:
     """Create the missing topics; returns the physical names it created.
 
-    Existing topics keep their partition count (changing it would move keys
-    between partitions and break the tables' co-partitioning); their
-    compaction settings are brought in line.
+    Every topic but the internal repartition streams is compacted. Existing
+    topics keep their partition count (changing it would move keys between
+    partitions and break the tables' co-partitioning); their cleanup settings
+    are brought in line.
     """
-    config = {**COMPACTED, **(extra_config or {})}
+    def config(logical: str) -> dict:
+        if logical in INTERNAL_TOPICS:
+            return STREAM
+        return {**COMPACTED, **(extra_config or {})}
+
     admin = AIOKafkaAdminClient(**settings.kafka_kwargs())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [settings.topic(t) for t in topics]
-        missing = [t for t in wanted if t not in existing]
+        missing = [t for t in topics if settings.topic(t) not in existing]
         if missing:
-            await admin.create_topics(
-                [NewTopic(t, settings.partitions, settings.replication, topic_configs=config) for t in missing]
-            )
-        present = [t for t in wanted if t in existing]
+            await admin.create_topics([
+                NewTopic(settings.topic(t), settings.partitions, settings.replication, topic_configs=config(t))
+                for t in missing])
+        present = [t for t in topics if settings.topic(t) in existing]
         if present:
-            await admin.alter_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, t, configs=config) for t in present]
-            )
-        return missing
+            await admin.alter_configs([
+                ConfigResource(ConfigResourceType.TOPIC, settings.topic(t), configs=config(t)) for t in present])
+        return [settings.topic(t) for t in missing]
     finally:
         await admin.close()
 

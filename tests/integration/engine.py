@@ -90,6 +90,7 @@ class ActiveView:
         self.settings = settings
         self.topic = topic
         self.state: dict[str, dict] = {}
+        self.workers: list[Worker] = []  # their warnings go into a timeout's message
         self.changes: list[tuple[float, str, dict | None]] = []
         self._cond = threading.Condition()
         self._stop = False
@@ -124,8 +125,10 @@ class ActiveView:
                     return result
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    logs = "\n".join(f"[{w.name}] {line}" for w in self.workers for line in w.lines
+                                      if "WARN" in line or "ERROR" in line or "Traceback" in line)
                     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; "
-                                         f"active-alarms is {self.state}")
+                                         f"active-alarms is {self.state}\n{logs[-6000:]}")
                 self._cond.wait(min(left, 0.5))
 
     def close(self):

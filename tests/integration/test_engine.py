@@ -46,6 +46,7 @@ def eng(settings, tmp_path, running_ioc):
 
     e = Engine()
     e.view = ActiveView(settings)
+    e.view.workers = workers
     yield e
     e.view.close()
     for w in workers:
@@ -214,7 +215,11 @@ def test_worker_restart_keeps_state(eng, tmp_path):
     assert eng.view.state["persist"]["since"] == since
     assert all(v is not None for _, k, v in eng.view.changes[n_changes:] if k == "persist")
     caput(pv, NORMAL)
-    eng.view.wait_for(gone("persist"))
+    try:
+        eng.view.wait_for(gone("persist"))
+    except AssertionError:
+        print(w2.output())
+        raise
     assert w2.running
 
 
