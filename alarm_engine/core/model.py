@@ -1,0 +1,178 @@
+"""Plain values of the alarm core: severities, PV states, definitions, shelvings.
+
+Everything here is immutable and free of I/O. Times are integer milliseconds
+since the Unix epoch and are always passed in, never read from a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:  # rules imports this module; the runtime import is lazy
+    from alarm_engine.core.rules import Rule
+
+#: Alarm priorities, most urgent first (the AlarmPriority enum of the schemas).
+PRIORITIES = ("P1_LIFE", "P2_PROPERTY", "P3_PRODUCTIVITY", "P4_DIAGNOSTIC")
+
+KINDS = ("pv", "rule", "external")
+
+PVValue = Union[float, int, str, tuple, None]
+
+
+class Severity(IntEnum):
+    """EPICS alarm severity; the integer order is the EPICS order."""
+
+    NO_ALARM = 0
+    MINOR = 1
+    MAJOR = 2
+    INVALID = 3
+
+
+class Connection(Enum):
+    CONNECTED = "CONNECTED"
+    DISCONNECTED = "DISCONNECTED"  # was connected, then lost
+    NEVER_CONNECTED = "NEVER_CONNECTED"  # sent by the shell only after its grace period
+
+
+@dataclass(frozen=True)
+class PVState:
+    """The latest monitor state of one PV."""
+
+    connection: Connection
+    value: PVValue = None
+    severity: Severity = Severity.NO_ALARM
+    status: str = ""
+    ioc_time_ms: int | None = None
+    received_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.connection, Connection):
+            raise TypeError(f"connection must be a Connection, not {self.connection!r}")
+        # Accept plain ints for severity and lists for waveforms, but store
+        # canonical forms so that equal states compare (and hash) equal.
+        object.__setattr__(self, "severity", Severity(self.severity))
+        if isinstance(self.value, list):
+            object.__setattr__(self, "value", tuple(self.value))
+
+
+def _check_priority(priority: str | None, what: str) -> None:
+    if priority is not None and priority not in PRIORITIES:
+        raise ValueError(f"{what} must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+
+
+@dataclass(frozen=True)
+class AlarmDef:
+    """The definition of one alarm.
+
+    kind 'pv': active while `pv` has an EPICS alarm severity.
+    kind 'rule': active while `expression` (see rules.py) holds.
+    kind 'external': active while an outside source says so (Activation).
+
+    A rule expression is parsed on construction, so an AlarmDef with a bad
+    expression cannot exist: the constructor raises rules.RuleError.
+    """
+
+    name: str
+    kind: str
+    pv: str | None
+    expression: str | None
+    priority: str
+    rule_severity: Severity = Severity.MAJOR
+    location: str = ""
+    category: str = ""
+    doc_url: str = ""
+    edm_path: str = ""
+    description: str = ""
+    _rule: "Rule | None" = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        _check_priority(self.priority, "priority")
+        if (self.kind == "pv") != bool(self.pv):
+            raise ValueError("a 'pv' alarm needs a pv name, and only 'pv' alarms take one")
+        if (self.kind == "rule") != (self.expression is not None):
+            raise ValueError("a 'rule' alarm needs an expression, and only 'rule' alarms take one")
+        severity = Severity(self.rule_severity)
+        if severity == Severity.NO_ALARM:
+            raise ValueError("rule_severity must be MINOR, MAJOR or INVALID")
+        object.__setattr__(self, "rule_severity", severity)
+        if self.kind == "rule":
+            from alarm_engine.core.rules import parse  # lazy: rules imports this module
+
+            object.__setattr__(self, "_rule", parse(self.expression))
+
+    @classmethod
+    def for_pv(cls, name: str, pv: str, priority: str, **metadata: str) -> "AlarmDef":
+        return cls(name, "pv", pv, None, priority, **metadata)
+
+    @classmethod
+    def for_rule(
+        cls,
+        name: str,
+        expression: str,
+        priority: str,
+        rule_severity: Severity = Severity.MAJOR,
+        **metadata: str,
+    ) -> "AlarmDef":
+        return cls(name, "rule", None, expression, priority, rule_severity, **metadata)
+
+    @classmethod
+    def external(cls, name: str, priority: str, **metadata: str) -> "AlarmDef":
+        return cls(name, "external", None, None, priority, **metadata)
+
+    @property
+    def rule(self) -> "Rule | None":
+        """The parsed expression of a 'rule' alarm, else None."""
+        return self._rule
+
+    def pvs(self) -> frozenset[str]:
+        """Names of the PVs this alarm depends on."""
+        if self.kind == "pv":
+            return frozenset((self.pv,))
+        if self.kind == "rule":
+            return self._rule.pvs
+        return frozenset()
+
+
+@dataclass(frozen=True)
+class Shelving:
+    """An operator's shelving of an alarm.
+
+    INDEFINITE: no expiration, not oneshot; ends only when unshelved.
+    TIMED: in force while now < expiration_ms.
+    ONESHOT: ends when the alarm returns to normal, or at expiration_ms if
+    one is given, whichever comes first.
+    """
+
+    user: str
+    reason: str = ""
+    comment: str = ""
+    expiration_ms: int | None = None
+    oneshot: bool = False
+    set_ms: int = 0
+
+    @property
+    def kind(self) -> str:
+        if self.oneshot:
+            return "ONESHOT"
+        if self.expiration_ms is not None:
+            return "TIMED"
+        return "INDEFINITE"
+
+    def expired(self, now_ms: int) -> bool:
+        # Shelved for t < expiration: at exactly the expiration it has ended.
+        return self.expiration_ms is not None and now_ms >= self.expiration_ms
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An outside source says the alarm is active (`alarm-engine set-active`)."""
+
+    priority: str | None = None  # None: show the definition's priority
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        _check_priority(self.priority, "activation priority")
