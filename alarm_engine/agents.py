@@ -128,11 +128,17 @@ def codec():
     return _codec
 
 
-class _LazyTable:
-    """The Faust tables under the str-keyed mapping interface engine.py uses."""
+class _StrKeyed:
+    """A Faust table (raw bytes keys) under the str-keyed mapping interface engine.py uses."""
 
     def __init__(self, table):
         self.t = table
+
+    def __getitem__(self, key):
+        v = self.t.get(key.encode())
+        if v is None:
+            raise KeyError(key)
+        return v
 
     def get(self, key, default=None):
         v = self.t.get(key.encode())
@@ -155,14 +161,14 @@ _router: Router | None = None
 def processor() -> AlarmProcessor:
     global _processor
     if _processor is None:
-        _processor = AlarmProcessor(settings, codec(), _LazyTable(alarm_state))
+        _processor = AlarmProcessor(settings, codec(), _StrKeyed(alarm_state))
     return _processor
 
 
 def router() -> Router:
     global _router
     if _router is None:
-        _router = Router(codec(), _LazyTable(pv_latest), _LazyTable(pv_dependents))
+        _router = Router(codec(), _StrKeyed(pv_latest), _StrKeyed(pv_dependents))
     return _router
 
 
