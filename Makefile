@@ -46,3 +46,18 @@ stack-status:
 clean:
 	-$(STACK) stop
 	rm -rf .stack .stack-test .alarm-engine-data
+
+## Benchmarks on the real stack (not part of make test); results in bench/results/.
+BENCH_ENV := KAFKA_PORT=29092 KAFKA_CONTROLLER_PORT=29093 REGISTRY_PORT=28181 \
+	ALARM_ENGINE_STACK_DIR=$(CURDIR)/.stack-bench \
+	BOOTSTRAP_SERVERS=127.0.0.1:29092 SCHEMA_REGISTRY=http://127.0.0.1:28181/apis/ccompat/v7
+bench: install
+	$(BENCH_ENV) $(STACK) start --fresh
+	status=0; $(BENCH_ENV) $(BIN)/python -m bench $(BENCH_ARGS) || status=$$?; \
+	$(BENCH_ENV) $(STACK) stop; exit $$status
+
+## Long variants of the reliability tests.
+soak: install
+	$(TEST_ENV) $(STACK) start --fresh
+	status=0; $(TEST_ENV) ALARM_ENGINE_SOAK=1 $(BIN)/python -m pytest -q -m "soak" $(PYTEST_ARGS) || status=$$?; \
+	$(TEST_ENV) $(STACK) stop; exit $$status
