@@ -55,6 +55,8 @@ def _stop(proc: subprocess.Popen | None, name: str) -> None:
 def main() -> int:
     ioc = worker = None
     logs = Path(stack.stack_dir())
+    # Kafka keeps the demo's records between runs, so the registry must keep their schemas.
+    os.environ.setdefault("REGISTRY_STORAGE", "file")
     try:
         stack.start()
         env = dict(os.environ, BOOTSTRAP_SERVERS=stack.bootstrap_servers(), SCHEMA_REGISTRY=stack.registry_url(),
