@@ -221,6 +221,15 @@ def test_unreachable_broker_is_one_line(capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_topic_set_up_is_idempotent(settings, capsys):
+    # The fixture created the topics already: a second run creates nothing.
+    status, out, err = run(settings, "topics", "create", capsys=capsys)
+    assert status == 0, err
+    assert out.startswith("created 0 topic(s)")
+    status, out, err = run(settings, "topics", "describe", capsys=capsys)
+    assert status == 0 and out.count("3 partition(s)") == 9, out
+
+
 def test_help_for_every_command():
     for command in ["set-monitored", "list-monitored", "set-alarm", "list-alarms", "set-shelved",
                     "list-shelved", "set-active", "list-active", "dump-schemas", "list-dead-letters"]:
