@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 
 import faust
 
@@ -60,6 +61,8 @@ def _free_port() -> int:
 
 class AlarmEngineApp(faust.App):
     async def on_first_start(self) -> None:
+        # Faust creates the data directory but not its parents.
+        Path(self.conf.datadir).parent.mkdir(parents=True, exist_ok=True)
         await super().on_first_start()
         # Input and output topics must exist before the consumer subscribes.
         await ensure_topics(settings)

@@ -10,13 +10,8 @@ import time
 
 import pytest
 
-# The helper sets the CA client environment; it must come before `epics`.
-try:
-    from tests.integration.ioc import CA_PORT, SESSION_COUNT, caget, caput
-    from tests.integration.ioc import demo_ioc, running_ioc  # noqa: F401  (fixtures)
-except ModuleNotFoundError:  # run without the repo root on sys.path
-    from ioc import CA_PORT, SESSION_COUNT, caget, caput  # type: ignore[no-redef]
-    from ioc import demo_ioc, running_ioc  # type: ignore[no-redef]  # noqa: F401
+# The helper sets the CA client environment (conftest.py imported it first); it must come before `epics`.
+from tests.integration.ioc import CA_PORT, SESSION_COUNT, caget, caput
 
 import epics  # noqa: E402
 from epics import ca  # noqa: E402

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.integration.ioc import caput, demo_ioc, running_ioc  # noqa: F401  (fixtures; sets the CA env first)
+from tests.integration.ioc import caput
 from tests.integration.engine import ActiveView, Worker
 
 from alarm_engine import cli
