@@ -51,8 +51,17 @@ class Settings:
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str = "PLAIN"
     sasl_username: str | None = None
-    sasl_password: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)  # never in logs or test output
     ssl_cafile: str | None = None
+    # Client certificate (mutual TLS), PEM; the key file may be the same file.
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_key_password: str | None = field(default=None, repr=False)
+    # Schema registry over HTTPS: CA bundle (default: certifi's CAs) and basic auth
+    # (also accepted in the URL, https://user:password@host/...; these win).
+    registry_cafile: str | None = None
+    registry_username: str | None = None
+    registry_password: str | None = field(default=None, repr=False)
     extra: dict = field(default_factory=dict)
 
     def kafka_kwargs(self) -> dict:
@@ -64,8 +73,15 @@ class Settings:
         if self.security_protocol.endswith("SSL"):
             from aiokafka.helpers import create_ssl_context
 
-            kw["ssl_context"] = create_ssl_context(cafile=self.ssl_cafile)
+            kw["ssl_context"] = create_ssl_context(cafile=self.ssl_cafile, certfile=self.ssl_certfile,
+                                                   keyfile=self.ssl_keyfile, password=self.ssl_key_password)
         return kw
+
+    def registry_url_redacted(self) -> str:
+        """The registry URL for messages: a password in it is replaced by ***."""
+        import re
+
+        return re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", self.registry_url)
 
     def topic(self, logical: str) -> str:
         return self.topic_prefix + logical
@@ -89,6 +105,12 @@ class Settings:
             sasl_username=env.get("KAFKA_SASL_USERNAME"),
             sasl_password=env.get("KAFKA_SASL_PASSWORD"),
             ssl_cafile=env.get("KAFKA_SSL_CAFILE"),
+            ssl_certfile=env.get("KAFKA_SSL_CERTFILE"),
+            ssl_keyfile=env.get("KAFKA_SSL_KEYFILE"),
+            ssl_key_password=env.get("KAFKA_SSL_KEY_PASSWORD"),
+            registry_cafile=env.get("SCHEMA_REGISTRY_CAFILE"),
+            registry_username=env.get("SCHEMA_REGISTRY_USERNAME"),
+            registry_password=env.get("SCHEMA_REGISTRY_PASSWORD"),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

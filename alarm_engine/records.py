@@ -16,6 +16,43 @@ MASK_SYMBOLS = ("VALUE", "ALARM", "ATTRIBUTE", "LOG")
 MIN_TIME_MS = 946_684_800_000  # 2000-01-01
 MAX_TIME_MS = 32_503_680_000_000  # 3000-01-01
 MAX_EXPRESSION = 4096
+# A PV name becomes a record key (pv-state, alarm-deps): the limits of codec.decode_key.
+MAX_NAME = 512
+# Free text (descriptions, notes, reasons, ...). Alarm records are small; the bound keeps an
+# alarm's state (definition, inputs, shown message) well under Kafka's 1 MiB record limit,
+# since the state table's changelog and active-alarms carry copies of these fields.
+MAX_TEXT = 65_536
+# PV states: waveforms as the CA bridge truncates them (ca_monitor.MAX_ARRAY_ELEMENTS), and
+# string values and statuses, bounded for the same reason (an alarm's state holds one
+# state per PV it depends on).
+MAX_WAVEFORM = 1000
+MAX_PV_TEXT = 16_384
+
+
+def _text(what: str, s: str, limit: int = MAX_TEXT) -> str:
+    """A string that can be written back out: UTF-8 encodable (JSON input may carry lone
+    surrogates such as "\\ud800"), and not absurdly long."""
+    if len(s) > limit:
+        raise BadRecord(f"{what} is {len(s)} characters long (at most {limit})")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRecord(f"{what} is not valid Unicode text (lone surrogate U+{ord(s[e.start]):04X} "
+                        f"at character {e.start + 1})") from None
+    return s
+
+
+def pv_name(what: str, pv: str) -> str:
+    """A PV name usable as a key and in a rule: printable, no blanks, at most MAX_NAME."""
+    if not pv.strip():
+        raise BadRecord(f"{what}: empty PV name")
+    if len(pv) > MAX_NAME:
+        raise BadRecord(f"{what}: PV name of {len(pv)} characters (at most {MAX_NAME})")
+    for i, ch in enumerate(pv):
+        if ch.isspace() or not ch.isprintable():
+            raise BadRecord(f"{what}: PV name {pv[:80]!r} has a blank or unprintable character "
+                            f"U+{ord(ch):04X} at position {i + 1}")
+    return pv
 
 
 def monitor_mask(datum: dict) -> frozenset[str]:
@@ -28,6 +65,8 @@ def monitor_mask(datum: dict) -> frozenset[str]:
 
 def alarm_def(name: str, datum: dict, settings: Settings) -> AlarmDef:
     p = datum["producer"]
+    for field in ("location", "category", "docUrl", "edmPath", "description"):
+        _text(f"alarm {name!r}: {field}", datum[field])
     for field, allowed in (("location", settings.locations), ("category", settings.categories)):
         if allowed and datum[field] not in allowed:
             raise BadRecord(f"alarm {name!r}: {field} {datum[field]!r} is not one of {', '.join(allowed)}")
@@ -35,17 +74,23 @@ def alarm_def(name: str, datum: dict, settings: Settings) -> AlarmDef:
                 edm_path=datum["edmPath"], description=datum["description"])
     try:
         if "pv" in p:
-            if not p["pv"].strip():
-                raise BadRecord(f"alarm {name!r}: empty PV name")
+            pv_name(f"alarm {name!r}", p["pv"])
             return AlarmDef.for_pv(name, p["pv"], datum["priority"], **meta)
         if "expression" in p:
             if len(p["expression"]) > MAX_EXPRESSION:
                 raise BadRecord(f"alarm {name!r}: rule longer than {MAX_EXPRESSION} characters")
-            return AlarmDef.for_rule(name, p["expression"], datum["priority"],
+            defn = AlarmDef.for_rule(name, p["expression"], datum["priority"],
                                      Severity[p["severity"]], **meta)
+            # The parser already refuses blank and unprintable characters in PV names.
+            for pv in defn.pvs():
+                if len(pv) > MAX_NAME:
+                    raise BadRecord(f"alarm {name!r}: PV name of {len(pv)} characters in the rule "
+                                    f"(at most {MAX_NAME})")
+            return defn
         if "jar" in p:
             raise BadRecord(f"alarm {name!r}: StreamRuleAlarm (Java jar rules) is not supported; "
                             f"define the rule as a RuleAlarm expression")
+        _text(f"alarm {name!r}: source", p.get("source", ""))
         return AlarmDef.external(name, datum["priority"], **meta)
     except BadRecord:
         raise
@@ -66,16 +111,27 @@ def shelving(name: str, datum: dict, set_ms: int) -> Shelving:
                         f"since the epoch between 2000 and 3000")
     if not datum["user"].strip():
         raise BadRecord(f"shelving {name!r}: user must not be empty")
+    for field, text in (("user", datum["user"]), ("reason", reason), ("comment", datum["comment"])):
+        _text(f"shelving {name!r}: {field}", text)
     return Shelving(user=datum["user"], reason=reason, comment=datum["comment"],
                     expiration_ms=expiration, oneshot=datum["oneshot"], set_ms=set_ms)
 
 
 def activation(datum: dict) -> Activation:
+    _text("activation note", datum["note"])
     return Activation(priority=datum["priority"], note=datum["note"])
 
 
 def pv_state(datum: dict) -> PVState:
     value = datum["value"]
+    # Also called for every stored input when an alarm's state is loaded: keep it cheap.
+    if isinstance(value, list):
+        if len(value) > MAX_WAVEFORM:
+            raise BadRecord(f"pv-state: waveform of {len(value)} elements (at most {MAX_WAVEFORM}; "
+                            f"the CA bridge truncates)")
+    elif isinstance(value, str):
+        _text("pv-state: string value", value, MAX_PV_TEXT)
+    _text("pv-state: status", datum["status"], MAX_PV_TEXT)
     return PVState(
         connection=Connection[datum["connection"]],
         value=tuple(value) if isinstance(value, list) else value,

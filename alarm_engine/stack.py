@@ -670,6 +670,7 @@ class Service:
 class Kafka(Service):
     name = "kafka"
     log_name = "server.log"
+    format_args: list[str] = []  # more StorageTool format options, e.g. --add-scram
 
     def port(self) -> int:
         return kafka_port()
@@ -729,6 +730,7 @@ class Kafka(Service):
             "--config",
             str(self.config_file),
             "--ignore-formatted",
+            *self.format_args,
         ]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0:
@@ -838,6 +840,89 @@ class Registry(Service):
 SERVICES: list[Service] = [Kafka(), Registry()]
 
 
+class ExtraKafka(Kafka):
+    """A further single-node Kafka beside the stack's (tests: SASL/TLS listeners), with its
+    own name, ports and directory: server.properties.in, then `extra_properties`, which
+    override (java.util.Properties keeps the last value of a key)."""
+
+    def __init__(self, name: str, port: int, controller_port: int, extra_properties: dict[str, str],
+                 format_args: list[str] = (), base_dir: Path | None = None):
+        self.name = name
+        self._port = port
+        self._controller_port = controller_port
+        self.extra_properties = dict(extra_properties)
+        self.format_args = list(format_args)
+        self.base_dir = Path(base_dir) if base_dir else stack_dir()
+
+    @property
+    def dir(self) -> Path:
+        return self.base_dir / self.name
+
+    @property
+    def pid_file(self) -> Path:
+        return self.base_dir / f"{self.name}.pid"
+
+    @property
+    def _cds_pending(self) -> Path:
+        return self.base_dir / f"{self.name}.cds-part"
+
+    @property
+    def marker(self) -> str:
+        return f"-Dalarm_engine.stack={self.dir}"
+
+    def port(self) -> int:
+        return self._port
+
+    def answers(self) -> bool:
+        return _port_open(self._port)
+
+    def pid(self) -> int | None:
+        # Our own live child is ours: the /proc cmdline check in Service.pid() can miss the
+        # marker while the JVM starts (seen under load), which drops the pid file and leaves
+        # _wait_ready waiting on a live process.
+        proc = getattr(self, "_proc", None)
+        if proc is not None and proc.poll() is None:
+            return proc.pid
+        return super().pid()
+
+    def prepare(self) -> None:
+        if not (kafka_home() / ".complete").exists():
+            fetch_kafka()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        text = _render(STACK_FILES / "kafka" / "server.properties.in",
+                       {"HOST": HOST, "KAFKA_PORT": self._port, "KAFKA_CONTROLLER_PORT": self._controller_port,
+                        "DATA_DIR": self.data_dir})
+        extra = "".join(f"{k}={v}\n" for k, v in self.extra_properties.items())
+        self.config_file.write_text(f"{text}\n# start_kafka({self.name!r}) extra properties\n{extra}")
+        if not (self.data_dir / "meta.properties").exists():
+            self._format()
+
+    def start(self) -> float:
+        """Start and wait until ready (StackError otherwise); seconds it took."""
+        with _lock(self.base_dir / f".{self.name}.lock"):
+            self.begin()
+            try:
+                return self.finish()[1]
+            except StackError:
+                if getattr(self, "_launched", False):
+                    self.stop()
+                raise
+
+
+def start_kafka(name: str, port: int, controller_port: int, extra_properties: dict[str, str],
+                format_args: list[str] = (), base_dir: Path | None = None, fresh: bool = True) -> ExtraKafka:
+    """Start a further Kafka (own ports and <base_dir>/<name>, default the stack dir) with
+    extra broker properties, e.g. SASL_SSL listeners; `format_args` go to the storage
+    format, e.g. ["--add-scram", "SCRAM-SHA-512=[name=alice,password=secret]"]. Returns the
+    service: `.stop()`, `.wipe()`, `.log_file`."""
+    kafka = ExtraKafka(name, port, controller_port, extra_properties, format_args, base_dir)
+    if fresh:
+        kafka.stop()
+        kafka.wipe()
+    kafka.start()
+    return kafka
+
+
 # ---------------------------------------------------------------------------- commands
 
 
@@ -918,6 +1003,20 @@ def run_kafka_class(main_class: str, args: list[str], default_bootstrap: bool = 
     sys.stdout.flush()
     sys.stderr.flush()
     return subprocess.call(cmd)  # inherits stdin/stdout, so pipes work as with the .sh scripts
+
+
+def service(name: str) -> Service:
+    """The stack's service by name ("kafka" or "registry"), e.g. to stop one alone."""
+    return next(svc for svc in SERVICES if svc.name == name)
+
+
+def start_service(name: str) -> float:
+    """Start one service of the stack (e.g. after `service(name).stop()`), keeping its data,
+    and wait until it is ready; returns the seconds it took (StackError otherwise)."""
+    svc = service(name)
+    with _lock(stack_dir() / ".lock"):
+        svc.begin()
+        return svc.finish()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
