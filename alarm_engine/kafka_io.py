@@ -21,10 +21,19 @@ class Raw:
     value: bytes | None
 
 
+async def _start(client) -> None:
+    # A client that failed to start still holds connections: close it before raising.
+    try:
+        await client.start()
+    except BaseException:
+        await client.stop()
+        raise
+
+
 async def produce(settings: Settings, topic: str, records: Iterable[tuple[bytes, bytes | None]]) -> int:
     """Send (key, value) pairs to a physical topic and wait for every ack."""
     producer = AIOKafkaProducer(**settings.kafka_kwargs(), acks="all", linger_ms=5)
-    await producer.start()
+    await _start(producer)
     try:
         futures = [await producer.send(topic, key=k, value=v) for k, v in records]
         await asyncio.gather(*futures)
@@ -42,7 +51,7 @@ async def replay(settings: Settings, topic: str, follow: bool = False) -> AsyncI
     """
     consumer = AIOKafkaConsumer(**settings.kafka_kwargs(), enable_auto_commit=False,
                                 auto_offset_reset="earliest", group_id=None)
-    await consumer.start()
+    await _start(consumer)
     try:
         partitions = consumer.partitions_for_topic(topic)
         if partitions is None:
