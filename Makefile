@@ -52,6 +52,7 @@ BENCH_ENV := KAFKA_PORT=29092 KAFKA_CONTROLLER_PORT=29093 REGISTRY_PORT=28181 \
 	ALARM_ENGINE_STACK_DIR=$(CURDIR)/.stack-bench \
 	BOOTSTRAP_SERVERS=127.0.0.1:29092 SCHEMA_REGISTRY=http://127.0.0.1:28181/apis/ccompat/v7
 bench: install
+	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BENCH_ENV) $(STACK) start --fresh
 	status=0; $(BENCH_ENV) $(BIN)/python -m bench $(BENCH_ARGS) || status=$$?; \
 	$(BENCH_ENV) $(STACK) stop; exit $$status
