@@ -1,6 +1,6 @@
 """A small real Channel Access server (softioc, EPICS 7 records) for tests and the demo.
 
-    python -m alarm_engine.demo_ioc --prefix DEMO: [--count N] [--wander]
+    python -m alarm_engine.demo_ioc --prefix DEMO: [--count N] [--wander] [--update-rate R]
 
 Serves (all writable with caput; writes are processed, so alarms follow):
     <prefix>TEMP       ai  HIGH=50 MINOR, HIHI=80 MAJOR, LOW=5 MINOR, LOLO=0 MAJOR
@@ -119,6 +119,42 @@ def _wander(prefix: str, count: int, period: float, stop: threading.Event) -> No
             stop.wait(step)
 
 
+def _update(prefix: str, count: int, rate: float, stop: threading.Event, go: threading.Event) -> None:
+    """Fast update mode (benchmarks): `rate` puts per second in total, round
+    robin over the numbered PVs, each put a new value below every limit (so
+    values change but severities do not). Paced in 10 ms slices; runs while
+    `go` is set."""
+    if count <= 0 or rate <= 0:
+        return
+    names = [f"{prefix}PV{i}" for i in range(count)]
+    slice_s = 0.01
+    per_slice = rate * slice_s
+    budget, i, n = 0.0, 0, 0
+    next_t = time.monotonic()
+    while not stop.is_set():
+        if not go.is_set():
+            go.wait(0.1)
+            next_t = time.monotonic()
+            continue
+        budget += per_slice
+        while budget >= 1:
+            budget -= 1
+            name = names[i]
+            i += 1
+            if i == count:
+                i, n = 0, n + 1
+            try:
+                _put(name, 10.0 + (n % 50) + i * 1e-6)
+            except Exception as exc:
+                print(f"update put {name} failed: {exc}", file=sys.stderr, flush=True)
+        next_t += slice_s
+        delay = next_t - time.monotonic()
+        if delay > 0:
+            stop.wait(delay)
+        elif delay < -1:  # cannot keep up: do not build an ever-growing backlog
+            next_t = time.monotonic()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m alarm_engine.demo_ioc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wander", action="store_true", help="drift values in and out of alarm")
     parser.add_argument("--wander-period", type=float, default=3.0,
                         help="seconds between changes of one PV when wandering (default 3)")
+    parser.add_argument("--update-rate", type=float, default=0.0,
+                        help="fast update mode: puts per second over the numbered PVs, round robin, "
+                             "values below the limits (benchmarks; default off)")
+    parser.add_argument("--update-paused", action="store_true",
+                        help="with --update-rate: start paused; SIGUSR1 toggles updating")
     parser.add_argument("--all-interfaces", action="store_true",
                         help="do not default the server to loopback-only")
     args = parser.parse_args(argv)
@@ -160,6 +201,20 @@ def main(argv: list[str] | None = None) -> int:
                                     args=(args.prefix, args.count, args.wander_period, stop))
         wanderer.start()
 
+    updater = None
+    if args.update_rate > 0:
+        go = threading.Event()
+        if not args.update_paused:
+            go.set()
+
+        def _toggle(signum, frame):
+            go.clear() if go.is_set() else go.set()
+
+        signal.signal(signal.SIGUSR1, _toggle)
+        updater = threading.Thread(target=_update, name="update", daemon=True,
+                                   args=(args.prefix, args.count, args.update_rate, stop, go))
+        updater.start()
+
     port = os.environ.get("EPICS_CA_SERVER_PORT", "5064")
     print(f"IOC ready prefix={args.prefix} port={port} pvs={len(pv_names(args.prefix, args.count))}",
           flush=True)
@@ -168,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     # regularly and the Python signal handler runs promptly.
     while not stop.wait(0.5):
         pass
-    if wanderer is not None:
-        wanderer.join(timeout=2)
+    for thread in (wanderer, updater):
+        if thread is not None:
+            thread.join(timeout=2)
     print("IOC stopping", flush=True)
     sys.stdout.flush()
     # epicsExit runs the EPICS exit hooks (closes the CA server sockets) and

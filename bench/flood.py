@@ -1,0 +1,171 @@
+"""Figures 1 and 5: flood throughput (one worker, then two).
+
+N per-PV alarms are defined first and the bench waits until the worker has
+processed them and the router has every dependency (the faust group has
+committed the end offsets of `alarms` and `alarm-deps`). Then the workers are
+paused (SIGSTOP), the whole flood of pre-encoded pv-state records is produced,
+and the workers are resumed (SIGCONT): the clock runs from the resume to the
+timestamp of the last resulting active-alarms record. Each PV alternates
+MAJOR / NO_ALARM, so every pv-state record changes what its alarm shows and
+gives exactly one active-alarms record (an ACTIVE value or a tombstone).
+
+Baseline: a bare aiokafka loop consuming the same flood records from pv-state
+and producing them unchanged (acks=all, like the engine) to another topic,
+from its first fetched record to its last acknowledged send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from alarm_engine.registry import make_codec
+from alarm_engine.topics import ensure_topics
+from bench import common
+from bench.common import BenchError, Offsets
+from bench.data import alarm_records, flood_records
+
+_FLOOD_CACHE: dict = {}
+
+
+#: Records of the full run: the issue asks for 200,000, which takes about 10 minutes per
+#: figure at the rate measured on the shared 2-core machine (~330 records/s); the default
+#: keeps `make bench` under 15 minutes. BENCH_ARGS="--flood-records 200000" runs the issue's size.
+FLOOD_RECORDS = 30_000
+
+
+def scale(quick: bool) -> tuple[int, int]:
+    return (1_000, 6_000) if quick else (10_000, FLOOD_RECORDS)
+
+
+async def _baseline(settings, src: str, start: dict[int, int], n: int, dst: str) -> float:
+    consumer = AIOKafkaConsumer(**settings.kafka_kwargs(), group_id=None, enable_auto_commit=False,
+                                max_partition_fetch_bytes=4 << 20)
+    producer = AIOKafkaProducer(**settings.kafka_kwargs(), acks="all")
+    await consumer.start()
+    await producer.start()
+    try:
+        tps = [TopicPartition(src, p) for p in sorted(start)]
+        consumer.assign(tps)
+        for tp in tps:
+            consumer.seek(tp, start[tp.partition])
+        count, t0 = 0, None
+        deadline = time.monotonic() + 600
+        while count < n:
+            if time.monotonic() > deadline:
+                raise BenchError(f"baseline forwarded only {count}/{n}")
+            batch = await consumer.getmany(timeout_ms=500, max_records=5000)
+            if batch and t0 is None:
+                t0 = time.perf_counter()
+            for msgs in batch.values():
+                for m in msgs:
+                    await producer.send(dst, key=m.key, value=m.value)
+                    count += 1
+        await producer.flush()
+        return time.perf_counter() - t0
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def _run_baseline(s, start, n) -> float:
+    dst = s.topic("baseline-forward")
+    await common.create_topic(s, dst)
+    return await _baseline(s, s.topic("pv-state"), start, n, dst)
+
+
+def _profile(pid: int, seconds: float, out) -> subprocess.Popen | None:
+    """py-spy on a worker, if installed (bench extra)."""
+    import shutil
+
+    spy = shutil.which("py-spy") or str(common.Path(sys.executable).parent / "py-spy")
+    if not common.Path(spy).exists():
+        return None
+    return subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50",
+                             "--nonblocking", "-f", "raw", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def _engine(n_workers: int, quick: bool, profile: bool) -> dict:
+    n_alarms, n_records = scale(quick)
+    s = common.settings_for(f"flood{n_workers}")
+    await ensure_topics(s)
+    codec = make_codec(s)
+    pvs = [f"FLOOD:PV{i}" for i in range(n_alarms)]
+    await common.produce(s, s.topic("alarms"),
+                         alarm_records(codec, [(f"FLOOD:ALARM{i}", pv) for i, pv in enumerate(pvs)]))
+    key = (n_alarms, n_records)
+    if key not in _FLOOD_CACHE:
+        _FLOOD_CACHE[key] = flood_records(codec, pvs, n_records)
+    records = _FLOOD_CACHE[key]
+    workers = [common.worker(s, f"w{i}", common.data_dir(s, f"w{i}"), ca_port=common.free_port())
+               for i in range(n_workers)]
+    spy = None
+    try:
+        for w in workers:
+            w.start()
+        async with Offsets(s) as offs:
+            await offs.wait_total(s.topic("alarm-deps"), n_alarms, 300, "alarm dependencies", workers)
+            await offs.wait_caught_up(common.app_group(s), [s.topic("alarms"), s.topic("alarm-deps")], 300,
+                                      "the definitions and dependencies to be processed", workers)
+            base = await offs.total(s.topic("active-alarms"))
+            start = await offs.end(s.topic("pv-state"))
+            common.pause(workers)
+            produce_s = await common.produce(s, s.topic("pv-state"), records)
+            t0 = time.time()
+            common.resume(workers)
+            if profile:
+                spy = _profile(workers[0].pid, 60, common.RESULTS / f"profile-flood{n_workers}.txt")
+            await offs.wait_total(s.topic("active-alarms"), base + n_records, 900, "the flood's active-alarms",
+                                  workers, interval=0.5)
+            t_end = await offs.last_timestamp(s.topic("active-alarms"))
+            rss = [w.vm_hwm_kib() for w in workers]
+        dur = t_end - t0
+        return {"duration_s": dur, "records": n_records, "alarms": n_alarms, "rate": n_records / dur,
+                "produce_s": produce_s, "rss_kib": rss, "settings": s, "start": start}
+    finally:
+        if spy is not None:
+            spy.terminate()
+            try:
+                spy.wait(10)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+        for w in workers:
+            w.stop()
+        common.cleanup_dirs(s)
+
+
+def run_single(quick: bool, profile: bool = False) -> dict:
+    res = asyncio.run(_engine(1, quick, profile))
+    s = res.pop("settings")
+    base_s = asyncio.run(_run_baseline(s, res.pop("start"), res["records"]))
+    base_rate = res["records"] / base_s
+    _FLOOD_CACHE["baseline_rate"] = base_rate
+    _FLOOD_CACHE["single_rate"] = res["rate"]
+    return {"name": "flood", "value": round(res["rate"]), "unit": "records/s", "baseline": round(base_rate),
+            "ratio": round(res["rate"] / base_rate, 3), "target": "ratio >= 0.5",
+            "met": res["rate"] / base_rate >= 0.5,
+            "extra": {"duration_s": round(res["duration_s"], 2), "baseline_s": round(base_s, 2),
+                      "records": res["records"], "alarms": res["alarms"],
+                      "worker_rss_mib": [round(r / 1024) for r in res["rss_kib"] if r]}}
+
+
+def run_fleet(quick: bool) -> dict:
+    res = asyncio.run(_engine(2, quick, False))
+    s = res.pop("settings")
+    base_rate = _FLOOD_CACHE.get("baseline_rate")
+    if base_rate is None:  # --only fleet: measure the baseline here
+        base_s = asyncio.run(_run_baseline(s, res.pop("start"), res["records"]))
+        base_rate = res["records"] / base_s
+    single = _FLOOD_CACHE.get("single_rate")
+    extra = {"duration_s": round(res["duration_s"], 2), "records": res["records"], "workers": 2}
+    if single:
+        extra["single_worker_rate"] = round(single)
+        extra["scaling"] = round(res["rate"] / single, 2)
+    return {"name": "fleet", "value": round(res["rate"]), "unit": "records/s", "baseline": round(base_rate),
+            "ratio": round(res["rate"] / base_rate, 3), "target": "report (2 cores: may be < 2x one worker)",
+            "met": None, "extra": extra}
