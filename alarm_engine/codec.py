@@ -109,7 +109,10 @@ class JsonReader:
         if kind in ("float", "double"):
             if isinstance(obj, bool) or not isinstance(obj, (int, float)):
                 raise BadRecord(f"{path}: expected a number, got {json.dumps(obj)[:60]}")
-            return float(obj)
+            try:
+                return float(obj)
+            except OverflowError:  # an int beyond any double (JSON allows 4300 digits)
+                raise BadRecord(f"{path}: integer of {len(str(obj))} digits out of range for {kind}") from None
         if kind == "string":
             if not isinstance(obj, str):
                 raise BadRecord(f"{path}: expected a string, got {json.dumps(obj)[:60]}")
