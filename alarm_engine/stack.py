@@ -584,10 +584,10 @@ class Service:
             proc = getattr(self, "_proc", None)
             if proc is not None and proc.pid != pid:
                 proc = None  # a child from an earlier start() in this Python process
+            # Our own child is judged by poll(): right after the fork its /proc cmdline may
+            # not show the marker yet, and pid() would take the starting JVM for dead.
             code = proc.poll() if proc is not None else None
-            if code is not None or self.pid() is None:
-                if proc is not None and code is None:
-                    code = proc.wait()  # seen as a zombie first: collect the exit code
+            if code is not None or (proc is None and self.pid() is None):
                 self.pid_file.unlink(missing_ok=True)
                 self._fail(f"exited during start-up (code {code})", log_offset, out_offset)
             if (seen_ready or self.ready(_read_from(self.log_file, log_offset))) and self.answers():
@@ -1016,7 +1016,19 @@ def start_service(name: str) -> float:
     svc = service(name)
     with _lock(stack_dir() / ".lock"):
         svc.begin()
-        return svc.finish()[1]
+        # Readiness by the port/HTTP probe: right after launch, pid()'s /proc check can miss
+        # the marker (seen under load), and finish() would take the live JVM for dead.
+        t0 = time.monotonic()
+        proc = getattr(svc, "_proc", None)
+        while not svc.answers():
+            if proc is not None and proc.poll() is not None:
+                raise StackError(f"{name} exited during start-up (code {proc.returncode}); see {svc.log_file}")
+            if time.monotonic() - t0 > START_TIMEOUT_S:
+                raise StackError(f"{name} not ready after {START_TIMEOUT_S:.0f}s; see {svc.log_file}")
+            time.sleep(0.2)
+        if proc is not None:
+            svc.pid_file.write_text(f"{proc.pid}\n")  # in case pid() dropped it meanwhile
+        return time.monotonic() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
