@@ -131,47 +131,79 @@ def codec():
     return _codec
 
 
+_DELETED = object()
+
+
 class _StrKeyed:
-    """A Faust table (raw bytes keys) under the str-keyed mapping interface engine.py uses."""
+    """A Faust table (raw bytes keys) under the str-keyed mapping interface engine.py uses.
+
+    Writes are held back until `commit()`: the agents call it only after the records
+    that the new state implies have been acknowledged by Kafka. Otherwise a worker
+    killed between the table write (RocksDB at once, changelog soon) and the send
+    restarts with a table that already has the new state: the input is replayed, the
+    state does not change, and the lost output is never sent again (an alarm lost).
+    With the writes held back, a crash replays the input on the old state and the
+    outputs are sent again (duplicates are harmless on compacted topics)."""
 
     def __init__(self, table):
         self.t = table
+        self.pending: dict[bytes, object] = {}
+
+    def _get(self, key: str):
+        k = key.encode()
+        if k in self.pending:
+            v = self.pending[k]
+            return None if v is _DELETED else v
+        return self.t.get(k)
 
     def __getitem__(self, key):
-        v = self.t.get(key.encode())
+        v = self._get(key)
         if v is None:
             raise KeyError(key)
         return v
 
     def get(self, key, default=None):
-        v = self.t.get(key.encode())
+        v = self._get(key)
         return default if v is None else v
 
     def __contains__(self, key):
-        return self.t.get(key.encode()) is not None
+        return self._get(key) is not None
 
     def __setitem__(self, key, value):
-        self.t[key.encode()] = value
+        self.pending[key.encode()] = value
 
     def __delitem__(self, key):
-        self.t.pop(key.encode(), None)
+        self.pending[key.encode()] = _DELETED
+
+    def commit(self) -> None:
+        for k, v in self.pending.items():
+            if v is _DELETED:
+                self.t.pop(k, None)
+            else:
+                self.t[k] = v
+        self.pending.clear()
+
+    def discard(self) -> None:
+        self.pending.clear()
 
 
 _processor: AlarmProcessor | None = None
 _router: Router | None = None
+alarm_state_view = _StrKeyed(alarm_state)
+router_views = (_StrKeyed(pv_latest), _StrKeyed(pv_dependents))
 
 
 def processor() -> AlarmProcessor:
     global _processor
     if _processor is None:
-        _processor = AlarmProcessor(settings, codec(), _StrKeyed(alarm_state))
+        _processor = AlarmProcessor(settings, codec(), alarm_state_view)
     return _processor
 
 
 def router() -> Router:
     global _router
     if _router is None:
-        _router = Router(codec(), _StrKeyed(pv_latest), _StrKeyed(pv_dependents))
+        _router = Router(codec(), *router_views)
     return _router
 
 
@@ -179,9 +211,39 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+# A send that Kafka does not acknowledge is retried with exponential backoff for this
+# long; then the worker exits (non-zero) and its supervisor (`alarm-engine worker`)
+# restarts it, so the unacknowledged input is processed again from the committed offset.
+# Never dead-lettered: an unreachable broker is not a bad record.
+SEND_RETRY_S = float(os.environ.get("ALARM_ENGINE_SEND_RETRY_S", "300"))
+EXIT_SEND_FAILED = 75  # EX_TEMPFAIL
+
+
+async def _send_acked(o: Out) -> None:
+    delay, deadline = 0.2, time.monotonic() + SEND_RETRY_S
+    while True:
+        try:
+            fut = await OUT[o.topic].send(key=o.key, value=o.value)
+            await fut  # delivered (acks=all), or raises
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if time.monotonic() + delay > deadline:
+                log.critical("could not send to %s for %.0fs (%s: %s): exiting so that the worker "
+                             "restarts and replays from its committed offsets", o.topic, SEND_RETRY_S,
+                             e.__class__.__name__, e)
+                logging.shutdown()
+                os._exit(EXIT_SEND_FAILED)
+            log.warning("send to %s failed (%s: %s); retrying in %.1fs", o.topic, e.__class__.__name__, e, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 async def send_all(outs: list[Out]) -> None:
+    """Send and wait until Kafka has acknowledged every record (in order)."""
     for o in outs:
-        await OUT[o.topic].send(key=o.key, value=o.value)
+        await _send_acked(o)
 
 
 async def reject(msg, reason: str) -> None:
@@ -301,7 +363,14 @@ async def router_agent(stream):
 
         async def handle():
             key = decode_key(msg.key)
-            await send_all(router().handle(LOGICAL[msg.topic], key, msg.value))
+            try:
+                await send_all(router().handle(LOGICAL[msg.topic], key, msg.value))
+            except BaseException:
+                for view in router_views:
+                    view.discard()
+                raise
+            for view in router_views:  # only once the outputs are acknowledged
+                view.commit()
 
         await _guarded(msg, handle)
 
@@ -315,7 +384,12 @@ async def alarm_agent(stream):
         async def handle():
             key = decode_key(msg.key)
             ts = int(msg.timestamp * 1000) if msg.timestamp else now_ms()
-            await send_all(processor().handle(LOGICAL[msg.topic], key, msg.value, ts))
+            try:
+                await send_all(processor().handle(LOGICAL[msg.topic], key, msg.value, ts))
+            except BaseException:
+                alarm_state_view.discard()
+                raise
+            alarm_state_view.commit()  # only once the outputs are acknowledged
 
         await _guarded(msg, handle)
 

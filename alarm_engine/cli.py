@@ -330,10 +330,21 @@ async def cmd_topics(args, settings: Settings) -> int:
 
 
 def cmd_worker(args, settings: Settings) -> int:
-    from faust.cli.faust import cli as faust_cli
+    """The worker under a supervisor (alarm_engine/supervise.py) that restarts it with
+    exponential backoff whenever it exits non-zero (e.g. Kafka unreachable at start-up).
+    ALARM_ENGINE_SUPERVISE=0 runs it in this process, unsupervised, as before."""
+    argv = ["faust", "-A", "alarm_engine", "worker", "-l", args.loglevel]
+    # Settings given as options reach the worker through its environment.
+    os.environ.update({"BOOTSTRAP_SERVERS": settings.bootstrap, "SCHEMA_REGISTRY": settings.registry_url,
+                       "ALARM_ENGINE_TOPIC_PREFIX": settings.topic_prefix})
+    if os.environ.get("ALARM_ENGINE_SUPERVISE", "1").strip().lower() in ("0", "no", "false", "off"):
+        from faust.cli.faust import cli as faust_cli
 
-    sys.argv = ["faust", "-A", "alarm_engine", "worker", "-l", args.loglevel]
-    return faust_cli()
+        sys.argv = argv
+        return faust_cli()
+    from alarm_engine.supervise import supervise
+
+    return supervise([sys.executable, "-m", *argv])
 
 
 # --- parser -----------------------------------------------------------------

@@ -1,0 +1,137 @@
+"""Convergence under crashes: a seeded random workload goes through real workers that
+are killed with SIGKILL at random moments and restarted; the compacted view of
+active-alarms must end equal to what the pure core computes (the oracle).
+
+Short version in `make test` (>= 10 kills); the long one (>= 100 kills) is marked
+`soak` (`make soak`). ALARM_ENGINE_SEED=N replays a seed (printed with the figures).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from tests.integration.engine import (
+    FAST_FAILOVER, ActiveView, Feeder, Oracle, Worker, Workload, divergence, wait_caught_up, wait_converged,
+)
+
+pytestmark = pytest.mark.integration
+
+
+class Killer(threading.Thread):
+    """Kills one worker at a time with SIGKILL at random moments and restarts it; with
+    several workers, one whose peers are all up (so one always stays alive)."""
+
+    def __init__(self, workers: list[Worker], rnd: random.Random, pause: tuple[float, float]):
+        super().__init__(daemon=True)
+        self.workers = workers
+        self.rnd = rnd
+        self.pause = pause
+        self.kills = 0
+        self.restart_s: list[float] = []
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+
+    def run(self):
+        try:
+            while not self._halt.wait(self.rnd.uniform(*self.pause)):
+                victim = self.rnd.choice(self.workers)
+                os.kill(victim.proc.pid, signal.SIGKILL)
+                victim.proc.wait(30)
+                self.kills += 1
+                t0 = time.monotonic()
+                victim.start(timeout=120)
+                self.restart_s.append(time.monotonic() - t0)
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+    def stop(self, timeout: float = 150.0):
+        self._halt.set()
+        self.join(timeout)
+        assert not self.is_alive(), "the killer did not stop (a worker restart hung)"
+        if self.error:
+            raise self.error
+
+
+def test_converges_to_the_oracle_under_sigkill(settings, tmp_path):
+    """Short version (make test): >= 10 kills, >= 1500 records, about 2.5 minutes."""
+    _converges_under_sigkill(settings, tmp_path, soak=False)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(4 * 3600)
+def test_converges_to_the_oracle_under_sigkill_soak(settings, tmp_path):
+    """Long version (make soak): >= 100 kills, >= 20000 records."""
+    _converges_under_sigkill(settings, tmp_path, soak=True)
+
+
+def _converges_under_sigkill(settings, tmp_path, soak: bool, n_workers: int = 2):
+    seed = int(os.environ.get("ALARM_ENGINE_SEED", "0")) or random.randrange(1 << 30)
+    min_kills = 100 if soak else 10
+    min_records = 20000 if soak else 1500
+    batch, pace = 40, 0.5  # records per batch, seconds between batches
+    rnd = random.Random(seed)
+    workload, oracle = Workload(seed), Oracle(settings)
+    view = ActiveView(settings)
+    workers = [Worker(settings, tmp_path / f"w{i}", f"w{i}", extra_env=FAST_FAILOVER) for i in range(n_workers)]
+    view.workers = workers
+    feeder = killer = None
+    t_start = time.monotonic()
+    checkpoints = []
+    try:
+        for w in workers:
+            w.start()
+        feeder = Feeder(settings, oracle)
+        killer = Killer(workers, rnd, (1.0, 4.0))
+        killer.start()
+        phase = 0
+        while killer.kills < min_kills or feeder.sent < min_records:
+            assert time.monotonic() - t_start < (3 * 3600 if soak else 600), "workload took too long"
+            if killer.error:
+                raise killer.error
+            for _ in range(8):  # one phase: 8 batches, then a checkpoint
+                feeder.send([workload.next() for _ in range(batch)])
+                time.sleep(pace)
+            phase += 1
+            # Mid-run checkpoint (kills go on): the view must catch up with the oracle.
+            t0 = time.monotonic()
+            diff = wait_converged(view, oracle.expected(), timeout=90)
+            checkpoints.append((phase, feeder.sent, killer.kills, round(time.monotonic() - t0, 1), len(diff)))
+            assert not diff, f"checkpoint {phase}: {len(diff)} divergent key(s): {sorted(diff.items())[:10]}"
+        killer.stop()
+        expected = oracle.expected()
+        cross = divergence(expected, oracle.expected_from_final_values())
+        assert not cross, f"the workload depends on interleaving: {sorted(cross.items())[:10]}"
+        # A restarted worker replays the inputs it had not committed, on top of tables that
+        # may already include them: transient flaps are expected until it has caught up.
+        # Once the group has committed every input, the view must be right and stay so.
+        caught_up_s = wait_caught_up(settings, timeout=120)
+        diff = wait_converged(view, expected, timeout=30)
+        n_changes = len(view.changes)
+        time.sleep(5)
+        late = view.changes[n_changes:]
+        final_diff = divergence(expected, dict(view.state))
+        figures = (f"seed {seed}: kills survived {killer.kills}, records {feeder.sent}, "
+                   f"active alarms expected {len(expected)}, divergent keys {len(final_diff)}, "
+                   f"late changes after catch-up {len(late)}, final catch-up {caught_up_s:.1f}s, worker restarts "
+                   f"{sum(killer.restart_s) / max(1, len(killer.restart_s)):.1f}s on average, "
+                   f"checkpoints (phase, records, kills, catch-up s, divergent) {checkpoints}, "
+                   f"{time.monotonic() - t_start:.0f}s in all")
+        print("\n" + figures)
+        assert not diff and not final_diff and not late, (
+            f"{figures}\ndivergent: {sorted(final_diff.items())[:20]}\nlate: {late[:10]}")
+        assert killer.kills >= min_kills
+    finally:
+        if killer is not None and killer.is_alive():
+            killer._halt.set()
+            killer.join(150)
+        if feeder is not None:
+            feeder.close()
+        view.close()
+        for w in workers:
+            w.kill()
