@@ -26,7 +26,7 @@ from pathlib import Path
 import faust
 
 from alarm_engine import records
-from alarm_engine.codec import BadRecord, decode_key
+from alarm_engine.codec import BadRecord, RegistryUnavailable, decode_key
 from alarm_engine.config import Settings
 from alarm_engine.engine import AlarmProcessor, Out, Router, dead_letter
 from alarm_engine.topics import ensure_topics
@@ -257,16 +257,35 @@ async def reject(msg, reason: str) -> None:
         log.exception("could not write the dead letter for %s[%d]@%d", msg.topic, msg.partition, msg.offset)
 
 
+# A record whose writer schema cannot be fetched (registry down) is not a bad
+# record: its partition waits and retries with backoff for this long, and only
+# then is the record dead-lettered (with that reason) so that the partition moves on.
+REGISTRY_RETRY_S = float(os.environ.get("ALARM_ENGINE_REGISTRY_RETRY_S", "300"))
+
+
 async def _guarded(msg, handle) -> None:
-    try:
-        await handle()
-    except BadRecord as e:
-        await reject(msg, str(e))
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:  # a bug must cost one record, not the worker
-        log.exception("failed on %s[%d]@%d", msg.topic, msg.partition, msg.offset)
-        await reject(msg, f"internal error: {e.__class__.__name__}: {e}")
+    delay, deadline = 0.5, time.monotonic() + REGISTRY_RETRY_S
+    while True:
+        try:
+            await handle()
+            return
+        except RegistryUnavailable as e:
+            if time.monotonic() + delay > deadline:
+                await reject(msg, f"{e}; gave up after {REGISTRY_RETRY_S:.0f} s")
+                return
+            log.warning("%s[%d]@%d waits for the schema registry: %s; retrying in %.1fs",
+                        msg.topic, msg.partition, msg.offset, e, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        except BadRecord as e:
+            await reject(msg, str(e))
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug must cost one record, not the worker
+            log.exception("failed on %s[%d]@%d", msg.topic, msg.partition, msg.offset)
+            await reject(msg, f"internal error: {e.__class__.__name__}: {e}")
+            return
 
 
 # --- the CA bridge ------------------------------------------------------------

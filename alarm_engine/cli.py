@@ -440,8 +440,14 @@ def main(argv=None) -> int:
         partitions=getattr(args, "partitions", None),
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # aiokafka logs connection failures as errors before raising; the one-line error below says it.
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    # aiokafka logs why a connection failed (refused, SASL, TLS) and then raises a bare
+    # "unable to bootstrap": keep its log out of the console and put the cause into the
+    # one-line error instead.
+    kafka_log = logging.getLogger("aiokafka")
+    kafka_log.setLevel(logging.ERROR)
+    kafka_log.propagate = False
+    kafka_log.handlers[:] = [_kafka_errors]
+    _kafka_errors.messages.clear()
     if args.command == "worker":
         return cmd_worker(args, settings)
     handler = {
@@ -462,22 +468,46 @@ def main(argv=None) -> int:
         return EXIT_FAILED
 
 
+class _KafkaErrors(logging.Handler):
+    """Keeps the error lines aiokafka logs, so a failure can say its cause."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+_kafka_errors = _KafkaErrors()
+_REFUSED = ("SaslAuthenticationFailed", "Authentication failed", "SSL", "certificate")
+
+
 def describe_error(e: Exception, settings: Settings) -> str:
     from aiokafka.errors import KafkaConnectionError, KafkaError
 
-    from alarm_engine.codec import BadRecord
+    from alarm_engine.codec import BadRecord, RegistryUnavailable
+    from alarm_engine.registry import RegistryError
 
     if isinstance(e, BadRecord):
         return f"invalid record: {e}"
     if isinstance(e, KafkaConnectionError):
+        refused = [m for m in _kafka_errors.messages if any(word in m for word in _REFUSED)]
+        if refused:  # the broker answered: the credentials or certificates are wrong
+            cause = refused[-1].split(": ", 1)[-1]
+            return f"Kafka at {settings.bootstrap} refused the connection: {cause}"
         return f"cannot reach Kafka at {settings.bootstrap}: {e}"
     if isinstance(e, KafkaError):
         return f"Kafka error ({settings.bootstrap}): {e.__class__.__name__}: {e}"
+    if isinstance(e, RegistryError):
+        return str(e)  # says which registry already
+    if isinstance(e, RegistryUnavailable):
+        return f"cannot read the records: {e} at {settings.registry_url_redacted()}"
     if isinstance(e, LookupError):
         return str(e.args[0]) if e.args else str(e)
     name = e.__class__.__name__
     if "ConnectError" in name or "ConnectTimeout" in name or "ClientError" in name or "Registry" in name:
-        return f"schema registry at {settings.registry_url}: {e}"
+        return f"schema registry at {settings.registry_url_redacted()}: {e}"
     return f"{name}: {e}"
 
 

@@ -36,6 +36,11 @@ class BadRecord(ValueError):
     """A record that cannot be accepted; str() is the reason."""
 
 
+class RegistryUnavailable(RuntimeError):
+    """The writer schema of a record could not be fetched because the registry
+    did not answer: the record is not bad, reading it must wait."""
+
+
 def load_schema(name: str, directory: Path = SCHEMA_DIR) -> dict:
     with open(directory / f"{name}.avsc", encoding="utf-8") as f:
         return json.load(f)
@@ -273,8 +278,9 @@ class Codec:
         if writer is None:
             try:
                 schema = self._fetch(sid)
-            except Exception as e:  # registry down: say so, the record is dead-lettered
-                raise BadRecord(f"schema id {sid}: registry unreachable ({e.__class__.__name__}: {e})") from e
+            except Exception as e:  # registry down: not the record's fault, the reader retries
+                raise RegistryUnavailable(
+                    f"schema id {sid}: schema registry unreachable ({e.__class__.__name__}: {e})") from e
             if schema is None:
                 raise BadRecord(f"unknown schema id {sid} (not in the schema registry)")
             try:

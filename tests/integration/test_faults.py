@@ -140,11 +140,10 @@ def test_registry_down_worker_goes_on_and_cli_says_why(rig, tmp_path):
         registry.stop()
         rig.feed(200)  # records with the ids already registered
         _converge(rig.s, rig.view, rig.oracle, "registry down")
-        # The CLI in a fresh process (no schema cached): one line saying what failed, exit != 0.
-        # (Not list-active: it currently warns per record and exits 0 with "(0 entries)";
-        # reported to the CLI's owner.)
+        # The CLI in a fresh process (no schema cached): one line saying what failed, exit != 0;
+        # a list must not pass off an unreadable topic as an empty one.
         for args in (["set-alarm", "x", "--external", "--location", "L", "--category", "C"],
-                     ["register-schemas"]):
+                     ["register-schemas"], ["list-active"]):
             proc = subprocess.run([sys.executable, "-m", "alarm_engine.cli", "--bootstrap-servers", rig.s.bootstrap,
                                    "--registry", rig.s.registry_url, "--topic-prefix", rig.s.topic_prefix, *args],
                                   capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)

@@ -235,9 +235,6 @@ def test_worker_and_cli_over_sasl_ssl_and_https_registry(secured, tmp_path, monk
     assert "sec" in json.loads(out.stdout)
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py says 'cannot reach Kafka' (aiokafka logs the SASL error, "
-                                       "which the CLI silences) and kafka_io leaves the consumer unclosed; "
-                                       "see the proposed cli.py/kafka_io.py diff")
 def test_wrong_kafka_password_is_one_clear_line_from_the_cli(secured):
     s = secured["s"]
     out = run_cli(env_for(s, KAFKA_SASL_PASSWORD=BAD), "list-active")

@@ -24,3 +24,44 @@ def test_every_agent_runs_with_concurrency_one():
     agents = list(app.agents.values())
     assert {a.name.rsplit(".", 1)[-1] for a in agents} == {"monitored_agent", "router_agent", "alarm_agent"}
     assert all(a.concurrency == 1 for a in agents)
+
+
+class _Msg:
+    topic, partition, offset, key, value = "t.alarms", 0, 41, b"A", b"\x00\x00\x00\x00\x07"
+
+
+def _run_guarded(monkeypatch, outages: int, retry_s: float):
+    import asyncio
+
+    from alarm_engine import agents
+    from alarm_engine.codec import RegistryUnavailable
+
+    rejected, calls = [], []
+
+    async def handle():
+        calls.append(1)
+        if len(calls) <= outages:
+            raise RegistryUnavailable("schema id 7: schema registry unreachable (ConnectError)")
+
+    async def reject(msg, reason):
+        rejected.append(reason)
+
+    async def no_wait(delay):
+        pass
+
+    monkeypatch.setattr(agents, "reject", reject)
+    monkeypatch.setattr(agents, "REGISTRY_RETRY_S", retry_s)
+    monkeypatch.setattr(agents.asyncio, "sleep", no_wait)
+    asyncio.run(agents._guarded(_Msg(), handle))
+    return len(calls), rejected
+
+
+def test_a_registry_outage_is_waited_out_not_dead_lettered(monkeypatch):
+    calls, rejected = _run_guarded(monkeypatch, outages=3, retry_s=300)
+    assert calls == 4 and rejected == []
+
+
+def test_a_registry_outage_beyond_the_retry_time_dead_letters_with_the_reason(monkeypatch):
+    calls, rejected = _run_guarded(monkeypatch, outages=10**6, retry_s=0)
+    assert calls == 1
+    assert rejected == ["schema id 7: schema registry unreachable (ConnectError); gave up after 0 s"]

@@ -11,7 +11,7 @@ import fastavro
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from alarm_engine.codec import BadRecord, Codec, decode_key, load_schema
+from alarm_engine.codec import BadRecord, Codec, RegistryUnavailable, decode_key, load_schema
 from alarm_engine.config import VALUE_SCHEMAS
 
 from conftest import FakeRegistry  # noqa: E402  (tests/unit/conftest.py)
@@ -83,13 +83,15 @@ def test_trailing_bytes_after_avro_body_are_refused(codec):
         codec.decode("alarm-activations", raw + b"\x00")
 
 
-def test_registry_down_is_a_reason_not_a_crash(reg):
+def test_registry_down_is_not_a_bad_record(reg):
+    # The record may be perfectly good: the reader must retry, not dead-letter it.
     def down(sid):
         raise ConnectionError("connection refused")
 
     c = Codec({"alarms": load_schema("alarms-value")}, down, reg.register)
-    with pytest.raises(BadRecord, match="registry unreachable"):
+    with pytest.raises(RegistryUnavailable, match="schema id 7: schema registry unreachable") as e:
         c.decode("alarms", b"\x00\x00\x00\x00\x07\x00")
+    assert not isinstance(e.value, BadRecord)
 
 
 def test_known_ids_decode_while_the_registry_is_down(reg):
