@@ -21,9 +21,13 @@ import logging
 import os
 import socket
 import time
+import weakref
 from pathlib import Path
 
 import faust
+from faust.streams import _current_event
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 
 from alarm_engine import records
 from alarm_engine.codec import BadRecord, RegistryUnavailable, decode_key
@@ -59,7 +63,41 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Faust fixes the consumer's fetch_max_wait_ms at 1500. aiokafka keeps one fetch
+# in flight per broker and leaves out of it the partitions that still hold
+# buffered records; a record arriving on such a partition waits until that fetch
+# returns, which on a quiet topic is the full wait: up to 1.5 s on every topic
+# hop of the pipeline. A short wait bounds that delay (at the price of more,
+# empty, fetch requests while idle).
+FETCH_MAX_WAIT_MS = int(os.environ.get("ALARM_ENGINE_FETCH_MAX_WAIT_MS", "20"))
+
+
+class _ConsumerThread(AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport):
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when the consumer starts
+        return consumer
+
+
+class _Consumer(AIOKafkaTransport.Consumer):
+    def _new_consumer_thread(self):
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _Transport(AIOKafkaTransport):
+    Consumer = _Consumer
+
+
+# Faust's start-up spinner (worker at -l warn or above) sets the root logger to
+# DEBUG to animate itself, so that every debug message of aiokafka and Faust is
+# then built and formatted for nothing: a few per cent of the worker's CPU.
+faust.Worker._setup_spinner_handler = lambda self, logger, level: None
+
+
 class AlarmEngineApp(faust.App):
+    def _new_transport(self):
+        return _Transport(self.conf.broker_consumer, self)
+
     async def on_first_start(self) -> None:
         # Faust creates the data directory but not its parents.
         Path(self.conf.datadir).parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +123,10 @@ app = AlarmEngineApp(
     # port by default lets several workers share a machine (--web-port N pins it).
     web_port=int(os.environ.get("ALARM_ENGINE_WEB_PORT") or _free_port()),
     web_bind="127.0.0.1",
-    stream_wait_empty=False,
+    # On a rebalance, finish the records in hand (send, acknowledge, write the
+    # tables) before giving the partitions up: otherwise the old owner could still
+    # write a table key, or an active-alarms record, after the new owner took over.
+    stream_wait_empty=True,
     table_standby_replicas=0,
 )
 
@@ -143,18 +184,26 @@ class _StrKeyed:
     restarts with a table that already has the new state: the input is replayed, the
     state does not change, and the lost output is never sent again (an alarm lost).
     With the writes held back, a crash replays the input on the old state and the
-    outputs are sent again (duplicates are harmless on compacted topics)."""
+    outputs are sent again (duplicates are harmless on compacted topics).
+
+    Two layers: the writes of the record being handled (`keep()` adds them to the
+    batch's, `discard()` drops them when that record fails), and the writes of the
+    batch, which later records of the batch already see."""
 
     def __init__(self, table):
         self.t = table
         self.pending: dict[bytes, object] = {}
+        self.batch: dict[bytes, object] = {}
 
     def _get(self, key: str):
         k = key.encode()
         if k in self.pending:
             v = self.pending[k]
-            return None if v is _DELETED else v
-        return self.t.get(k)
+        elif k in self.batch:
+            v = self.batch[k][0]
+        else:
+            return self.t.get(k)
+        return None if v is _DELETED else v
 
     def __getitem__(self, key):
         v = self._get(key)
@@ -175,16 +224,31 @@ class _StrKeyed:
     def __delitem__(self, key):
         self.pending[key.encode()] = _DELETED
 
-    def commit(self) -> None:
+    def keep(self, event=None) -> None:
+        """The record being handled succeeded: its writes join the batch's, with
+        its event, whose partition is the one their changelog records go to."""
         for k, v in self.pending.items():
-            if v is _DELETED:
-                self.t.pop(k, None)
-            else:
-                self.t[k] = v
+            self.batch[k] = (v, event)
         self.pending.clear()
 
     def discard(self) -> None:
         self.pending.clear()
+
+    def commit(self) -> None:
+        self.keep()
+        for k, (v, event) in self.batch.items():
+            # Faust writes a table key's changelog record to the partition of the
+            # event in progress: the batch is written after its events, so set it.
+            token = _current_event.set(weakref.ref(event)) if event is not None else None
+            try:
+                if v is _DELETED:
+                    self.t.pop(k, None)
+                else:
+                    self.t[k] = v
+            finally:
+                if token is not None:
+                    _current_event.reset(token)
+        self.batch.clear()
 
 
 _processor: AlarmProcessor | None = None
@@ -241,20 +305,36 @@ async def _send_acked(o: Out) -> None:
 
 
 async def send_all(outs: list[Out]) -> None:
-    """Send and wait until Kafka has acknowledged every record (in order)."""
+    """Send and wait until Kafka has acknowledged every record.
+
+    All at once (the producer keeps the order within each partition); if any send
+    fails, everything is sent again one by one, each retried until acknowledged:
+    a record sent twice is harmless on these topics, a record lost is not."""
+    if not outs:
+        return
+    try:
+        futures = [await OUT[o.topic].send(key=o.key, value=o.value) for o in outs]
+        await asyncio.gather(*futures)
+        return
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        log.warning("sending %d record(s) failed (%s: %s); sending them again one by one",
+                    len(outs), e.__class__.__name__, e)
     for o in outs:
         await _send_acked(o)
 
 
-async def reject(msg, reason: str) -> None:
-    """Dead-letter a record: logged, kept with its reason, never fatal."""
+def rejected(msg, reason: str) -> list[Out]:
+    """The dead letter of a record (logged, kept with its reason): never fatal."""
     log.warning("rejected %s[%d]@%d key=%r: %s", msg.topic, msg.partition, msg.offset,
                 (msg.key or b"")[:80], reason)
     try:
-        await send_all([dead_letter(codec(), LOGICAL.get(msg.topic, msg.topic), msg.partition, msg.offset,
-                                    msg.key, msg.value, reason, now_ms())])
-    except Exception:  # the dead-letter topic itself failing must not stop the stream
-        log.exception("could not write the dead letter for %s[%d]@%d", msg.topic, msg.partition, msg.offset)
+        return [dead_letter(codec(), LOGICAL.get(msg.topic, msg.topic), msg.partition, msg.offset,
+                            msg.key, msg.value, reason, now_ms())]
+    except Exception:  # the dead letter itself failing must not stop the stream
+        log.exception("could not make the dead letter for %s[%d]@%d", msg.topic, msg.partition, msg.offset)
+        return []
 
 
 # A record whose writer schema cannot be fetched (registry down) is not a bad
@@ -263,29 +343,63 @@ async def reject(msg, reason: str) -> None:
 REGISTRY_RETRY_S = float(os.environ.get("ALARM_ENGINE_REGISTRY_RETRY_S", "300"))
 
 
-async def _guarded(msg, handle) -> None:
+async def outputs_of(msg, compute, views=(), event=None) -> list[Out]:
+    """`compute()` gives the outputs of one record and writes to `views`; its
+    writes are kept if it succeeds and dropped if it fails. A bad record, or a
+    bug, gives a dead letter instead."""
     delay, deadline = 0.5, time.monotonic() + REGISTRY_RETRY_S
     while True:
         try:
-            await handle()
-            return
+            outs = compute()
         except RegistryUnavailable as e:
+            for view in views:
+                view.discard()
             if time.monotonic() + delay > deadline:
-                await reject(msg, f"{e}; gave up after {REGISTRY_RETRY_S:.0f} s")
-                return
+                return rejected(msg, f"{e}; gave up after {REGISTRY_RETRY_S:.0f} s")
             log.warning("%s[%d]@%d waits for the schema registry: %s; retrying in %.1fs",
                         msg.topic, msg.partition, msg.offset, e, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
+            continue
         except BadRecord as e:
-            await reject(msg, str(e))
-            return
-        except asyncio.CancelledError:
-            raise
+            for view in views:
+                view.discard()
+            return rejected(msg, str(e))
         except Exception as e:  # a bug must cost one record, not the worker
+            for view in views:
+                view.discard()
             log.exception("failed on %s[%d]@%d", msg.topic, msg.partition, msg.offset)
-            await reject(msg, f"internal error: {e.__class__.__name__}: {e}")
-            return
+            return rejected(msg, f"internal error: {e.__class__.__name__}: {e}")
+        for view in views:
+            view.keep(event)
+        return outs
+
+
+# Records are handled in batches: the outputs of a whole batch are sent together
+# and acknowledged once, then the batch's table writes are committed and its input
+# offsets acknowledged. A batch closes when it is full or after this wait, which
+# is what a record waits at most for company on each hop.
+BATCH_MAX = int(os.environ.get("ALARM_ENGINE_BATCH_MAX", "500"))
+BATCH_WITHIN_S = float(os.environ.get("ALARM_ENGINE_BATCH_WITHIN_MS", "2")) / 1000
+
+
+async def handle_batches(stream, compute, views) -> None:
+    """`compute(logical topic, key, value, message)` -> outputs of one record."""
+    async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+        outs: list[Out] = []
+        try:
+            for event in events:
+                msg = event.message
+                outs += await outputs_of(
+                    msg, lambda: compute(LOGICAL[msg.topic], decode_key(msg.key), msg.value, msg), views, event)
+            await send_all(outs)
+        except BaseException:
+            for view in views:
+                view.discard()
+                view.batch.clear()
+            raise
+        for view in views:  # only once the outputs are acknowledged
+            view.commit()
 
 
 # --- the CA bridge ------------------------------------------------------------
@@ -342,19 +456,19 @@ async def monitored_agent(stream):
     async for event in stream.events():
         msg = event.message
 
-        async def handle():
+        def compute() -> list[Out]:
             pv = decode_key(msg.key)
             datum = codec().decode("monitored-pvs", msg.value)
             if datum is None:
                 monitored.pop(msg.key, None)
                 bridge.remove(pv)
-                await OUT["pv-state"].send(key=msg.key, value=None)
-                return
+                return [Out("pv-state", msg.key, None)]
             mask = sorted(records.monitor_mask(datum))
             monitored[msg.key] = {"mask": mask, "partition": msg.partition}
             bridge.add(pv, mask, msg.partition)
+            return []
 
-        await _guarded(msg, handle)
+        await send_all(await outputs_of(msg, compute))
 
 
 @monitored.on_recover
@@ -377,40 +491,19 @@ async def _on_revoked(sender, revoked, **kwargs) -> None:
 @app.agent(pv_keyed_in, concurrency=1)
 async def router_agent(stream):
     """pv-state and alarm-deps (keyed by PV) -> alarm-inputs (keyed by alarm)."""
-    async for event in stream.events():
-        msg = event.message
+    await handle_batches(stream, lambda topic, key, value, msg: router().handle(topic, key, value), router_views)
 
-        async def handle():
-            key = decode_key(msg.key)
-            try:
-                await send_all(router().handle(LOGICAL[msg.topic], key, msg.value))
-            except BaseException:
-                for view in router_views:
-                    view.discard()
-                raise
-            for view in router_views:  # only once the outputs are acknowledged
-                view.commit()
 
-        await _guarded(msg, handle)
+def _alarm_outputs(topic: str, key: str, value: bytes | None, msg) -> list[Out]:
+    # Record time, not wall-clock time: a replay decides as the first pass did.
+    ts = int(msg.timestamp * 1000) if msg.timestamp else now_ms()
+    return processor().handle(topic, key, value, ts)
 
 
 @app.agent(alarm_keyed_in, concurrency=1)
 async def alarm_agent(stream):
     """Definitions, shelving, activations and PV inputs -> active-alarms."""
-    async for event in stream.events():
-        msg = event.message
-
-        async def handle():
-            key = decode_key(msg.key)
-            ts = int(msg.timestamp * 1000) if msg.timestamp else now_ms()
-            try:
-                await send_all(processor().handle(LOGICAL[msg.topic], key, msg.value, ts))
-            except BaseException:
-                alarm_state_view.discard()
-                raise
-            alarm_state_view.commit()  # only once the outputs are acknowledged
-
-        await _guarded(msg, handle)
+    await handle_batches(stream, _alarm_outputs, (alarm_state_view,))
 
 
 @alarm_state.on_recover

@@ -38,30 +38,51 @@ def _run_guarded(monkeypatch, outages: int, retry_s: float):
 
     rejected, calls = [], []
 
-    async def handle():
+    def compute():
         calls.append(1)
         if len(calls) <= outages:
             raise RegistryUnavailable("schema id 7: schema registry unreachable (ConnectError)")
+        return ["out"]
 
-    async def reject(msg, reason):
+    def reject(msg, reason):
         rejected.append(reason)
+        return ["dead letter"]
 
     async def no_wait(delay):
         pass
 
-    monkeypatch.setattr(agents, "reject", reject)
+    monkeypatch.setattr(agents, "rejected", reject)
     monkeypatch.setattr(agents, "REGISTRY_RETRY_S", retry_s)
     monkeypatch.setattr(agents.asyncio, "sleep", no_wait)
-    asyncio.run(agents._guarded(_Msg(), handle))
-    return len(calls), rejected
+    outs = asyncio.run(agents.outputs_of(_Msg(), compute))
+    return len(calls), rejected, outs
 
 
 def test_a_registry_outage_is_waited_out_not_dead_lettered(monkeypatch):
-    calls, rejected = _run_guarded(monkeypatch, outages=3, retry_s=300)
-    assert calls == 4 and rejected == []
+    calls, rejected, outs = _run_guarded(monkeypatch, outages=3, retry_s=300)
+    assert calls == 4 and rejected == [] and outs == ["out"]
 
 
 def test_a_registry_outage_beyond_the_retry_time_dead_letters_with_the_reason(monkeypatch):
-    calls, rejected = _run_guarded(monkeypatch, outages=10**6, retry_s=0)
-    assert calls == 1
+    calls, rejected, outs = _run_guarded(monkeypatch, outages=10**6, retry_s=0)
+    assert calls == 1 and outs == ["dead letter"]
     assert rejected == ["schema id 7: schema registry unreachable (ConnectError); gave up after 0 s"]
+
+
+def test_table_writes_reach_the_table_only_when_the_batch_commits():
+    from alarm_engine.agents import _StrKeyed
+
+    table = {b"old": 1, b"gone": 2}
+    view = _StrKeyed(table)
+    view["a"] = 10  # first record of a batch: handled
+    del view["gone"]
+    view.keep()
+    view["b"] = 20  # second record: fails, its writes are dropped
+    view["a"] = 99
+    view.discard()
+    assert view.get("a") == 10 and "gone" not in view and "b" not in view
+    assert table == {b"old": 1, b"gone": 2}  # nothing written before the acknowledgement
+    view["c"] = 30  # third record, handled; the batch is acknowledged
+    view.commit()
+    assert table == {b"old": 1, b"a": 10, b"c": 30}
+    assert view.pending == {} and view.batch == {}
