@@ -218,8 +218,26 @@ class Router:
         raise BadRecord(f"{topic} is not a PV-keyed topic")
 
 
+# A dead letter carries the rejected record; a record near the broker's size limit
+# plus the reason would exceed it, the send would fail every time and the worker
+# would stop on that record. Beyond these sizes the dead letter keeps the start,
+# and its reason says where the whole record is.
+DEAD_LETTER_MAX_VALUE = 256 * 1024
+DEAD_LETTER_MAX_KEY = 1024
+
+
 def dead_letter(codec: Codec, topic: str, partition: int, offset: int, key: bytes | None,
                 value: bytes | None, reason: str, now_ms: int) -> Out:
+    reason = reason if len(reason) <= 2048 else reason[:2048] + "..."
+    cut = []
+    if key is not None and len(key) > DEAD_LETTER_MAX_KEY:
+        cut.append(f"key cut to {DEAD_LETTER_MAX_KEY} of {len(key)} bytes")
+        key = key[:DEAD_LETTER_MAX_KEY]
+    if value is not None and len(value) > DEAD_LETTER_MAX_VALUE:
+        cut.append(f"value cut to {DEAD_LETTER_MAX_VALUE} of {len(value)} bytes")
+        value = value[:DEAD_LETTER_MAX_VALUE]
+    if cut:
+        reason = f"{reason} ({', '.join(cut)}; the whole record is {topic}[{partition}]@{offset})"
     datum = {"sourceTopic": topic, "partition": partition, "offset": offset, "key": key,
              "value": value, "reason": reason, "timestamp": now_ms}
     return Out("dead-letters", key or b"", codec.encode("dead-letters", datum))

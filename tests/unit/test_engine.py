@@ -151,3 +151,19 @@ def test_state_json_round_trip():
     assert s.shown is not None
     again = state_from_json(json.loads(json.dumps(state_to_json(s))))
     assert again == s
+
+
+def test_a_dead_letter_of_a_record_near_the_size_limit_stays_under_it(codec):
+    from alarm_engine.codec import MAX_VALUE_BYTES
+    from alarm_engine.engine import dead_letter
+
+    key, value = b"k" * 5000, b"{" + b"x" * (MAX_VALUE_BYTES - 1)
+    out = dead_letter(codec, "alarms", 2, 17, key, value, "why " * 10_000, 0)
+    assert len(out.value) < 300 * 1024  # well under Kafka's 1 MiB default
+    d = codec.decode("dead-letters", out.value)
+    assert d["value"] == value[:256 * 1024] and d["key"] == key[:1024] and out.key == key[:1024]
+    assert d["reason"].startswith("why why")
+    assert d["reason"].endswith(f"(key cut to 1024 of 5000 bytes, value cut to 262144 of {MAX_VALUE_BYTES} "
+                                f"bytes; the whole record is alarms[2]@17)")
+    small = codec.decode("dead-letters", dead_letter(codec, "alarms", 0, 1, b"k", b"v", "bad", 0).value)
+    assert (small["key"], small["value"], small["reason"]) == (b"k", b"v", "bad")
