@@ -390,8 +390,15 @@ async def handle_batches(stream, compute, views) -> None:
         try:
             for event in events:
                 msg = event.message
-                outs += await outputs_of(
-                    msg, lambda: compute(LOGICAL[msg.topic], decode_key(msg.key), msg.value, msg), views, event)
+                # Faust's RocksDB store reads a key from the partition of the event in
+                # progress (and, with none, from whichever local partition has the key,
+                # revoked ones included): make each record's event the one in progress.
+                token = _current_event.set(weakref.ref(event))
+                try:
+                    outs += await outputs_of(
+                        msg, lambda: compute(LOGICAL[msg.topic], decode_key(msg.key), msg.value, msg), views, event)
+                finally:
+                    _current_event.reset(token)
             await send_all(outs)
         except BaseException:
             for view in views:

@@ -86,3 +86,39 @@ def test_table_writes_reach_the_table_only_when_the_batch_commits():
     view.commit()
     assert table == {b"old": 1, b"a": 10, b"c": 30}
     assert view.pending == {} and view.batch == {}
+
+
+def test_each_record_of_a_batch_is_the_event_in_progress_while_it_is_handled():
+    # Faust's RocksDB store reads a key from the partition of the event in progress;
+    # in a take_events() batch no event is in progress unless the agent sets it.
+    import asyncio
+
+    from faust.streams import current_event
+
+    from alarm_engine import agents
+
+    class Message:
+        def __init__(self, partition, offset):
+            self.topic, self.partition, self.offset = next(iter(agents.LOGICAL)), partition, offset
+            self.key, self.value, self.timestamp = b"k", b"v", 0.0
+
+    class Event:
+        def __init__(self, partition, offset):
+            self.message = Message(partition, offset)
+
+    batches = [[Event(0, 1), Event(2, 7)], [Event(1, 3)]]
+
+    class Stream:
+        async def take_events(self, max_, within):
+            for batch in batches:
+                yield batch
+
+    seen = []
+
+    def compute(topic, key, value, msg):
+        seen.append((current_event() and current_event().message.partition, msg.partition))
+        return []
+
+    asyncio.run(agents.handle_batches(Stream(), compute, ()))
+    assert seen == [(0, 0), (2, 2), (1, 1)]
+    assert current_event() is None
