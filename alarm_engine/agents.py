@@ -149,9 +149,44 @@ LOGICAL = {settings.topic(t): t for t in ("monitored-pvs", "pv-state", "alarm-de
                                           "shelved-alarms", "alarm-activations", "alarm-inputs")}
 
 
+# Changelog records of table writes not yet acknowledged by Kafka. Faust hands them
+# to its producer buffer and, before committing input offsets, "flushes" it only
+# until 0.1 s pass without a send: under load an offset could be committed while
+# the state it implies was still in the buffer, and a kill then lost that state
+# for good (the SIGKILL soak caught it). The agents wait for these before they
+# acknowledge their input.
+_changelog_sends: list = []
+
+
+class _Table(faust.Table):
+    def send_changelog(self, *args, **kwargs):
+        fut = super().send_changelog(*args, **kwargs)
+        _changelog_sends.append(fut)
+        return fut
+
+
+async def changelog_acked() -> None:
+    """Wait until Kafka has acknowledged every table write made so far."""
+    while _changelog_sends:
+        pending = _changelog_sends[:]
+        del _changelog_sends[:]
+        try:
+            await asyncio.wait_for(asyncio.gather(*pending), SEND_RETRY_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            # Unacknowledged state must not be followed by a committed offset:
+            # exit, and the supervisor restarts the worker from its committed offsets.
+            log.critical("table changelog not acknowledged (%s: %s): exiting so that the worker "
+                         "restarts and replays from its committed offsets", e.__class__.__name__, e)
+            logging.shutdown()
+            os._exit(EXIT_SEND_FAILED)
+
+
 def _table(name: str, help: str) -> faust.Table:
     # key_type bytes: raw keys (the record keys as they are); values are JSON.
-    return app.Table(name, default=None, partitions=P, help=help, key_type=bytes)
+    return app.tables.add(_Table(app, name=name, default=None, beacon=app.tables.beacon, partitions=P,
+                                 help=help, key_type=bytes))
 
 
 monitored = _table("monitored", "Monitored PVs of this worker's partitions: PV -> CA monitor mask and partition.")
@@ -380,7 +415,7 @@ async def outputs_of(msg, compute, views=(), event=None) -> list[Out]:
 # offsets acknowledged. A batch closes when it is full or after this wait, which
 # is what a record waits at most for company on each hop.
 BATCH_MAX = int(os.environ.get("ALARM_ENGINE_BATCH_MAX", "500"))
-BATCH_WITHIN_S = float(os.environ.get("ALARM_ENGINE_BATCH_WITHIN_MS", "2")) / 1000
+BATCH_WITHIN_S = float(os.environ.get("ALARM_ENGINE_BATCH_WITHIN_MS", "5")) / 1000
 
 
 async def handle_batches(stream, compute, views) -> None:
@@ -407,6 +442,7 @@ async def handle_batches(stream, compute, views) -> None:
             raise
         for view in views:  # only once the outputs are acknowledged
             view.commit()
+        await changelog_acked()  # and the input is acknowledged only after the state
 
 
 # --- the CA bridge ------------------------------------------------------------
@@ -476,6 +512,7 @@ async def monitored_agent(stream):
             return []
 
         await send_all(await outputs_of(msg, compute))
+        await changelog_acked()
 
 
 @monitored.on_recover
