@@ -17,6 +17,7 @@ moves bytes and keeps the CA subscriptions in step with the partitions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -274,16 +275,26 @@ class _StrKeyed:
         for k, (v, event) in self.batch.items():
             # Faust writes a table key's changelog record to the partition of the
             # event in progress: the batch is written after its events, so set it.
-            token = _current_event.set(weakref.ref(event)) if event is not None else None
-            try:
+            with in_progress(event):
                 if v is _DELETED:
                     self.t.pop(k, None)
                 else:
                     self.t[k] = v
-            finally:
-                if token is not None:
-                    _current_event.reset(token)
         self.batch.clear()
+
+
+@contextlib.contextmanager
+def in_progress(event):
+    """Make `event` Faust's event in progress: the RocksDB store reads a key from its
+    partition, and a table write's changelog record goes to its partition."""
+    if event is None:
+        yield
+        return
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
 
 
 _processor: AlarmProcessor | None = None
@@ -425,15 +436,11 @@ async def handle_batches(stream, compute, views) -> None:
         try:
             for event in events:
                 msg = event.message
-                # Faust's RocksDB store reads a key from the partition of the event in
-                # progress (and, with none, from whichever local partition has the key,
-                # revoked ones included): make each record's event the one in progress.
-                token = _current_event.set(weakref.ref(event))
-                try:
+                # In a take_events() batch no event is in progress, and Faust's store
+                # would read keys from whichever local partition has them.
+                with in_progress(event):
                     outs += await outputs_of(
                         msg, lambda: compute(LOGICAL[msg.topic], decode_key(msg.key), msg.value, msg), views, event)
-                finally:
-                    _current_event.reset(token)
             await send_all(outs)
         except BaseException:
             for view in views:
