@@ -270,6 +270,11 @@ class _StrKeyed:
     def discard(self) -> None:
         self.pending.clear()
 
+    def abandon(self) -> None:
+        """The batch failed: none of its writes are applied (its input is replayed)."""
+        self.pending.clear()
+        self.batch.clear()
+
     def commit(self) -> None:
         self.keep()
         for k, (v, event) in self.batch.items():
@@ -397,9 +402,14 @@ async def outputs_of(msg, compute, views=(), event=None) -> list[Out]:
     while True:
         try:
             outs = compute()
-        except RegistryUnavailable as e:
+        except Exception as e:
             for view in views:
                 view.discard()
+            if isinstance(e, BadRecord):
+                return rejected(msg, str(e))
+            if not isinstance(e, RegistryUnavailable):  # a bug must cost one record, not the worker
+                log.exception("failed on %s[%d]@%d", msg.topic, msg.partition, msg.offset)
+                return rejected(msg, f"internal error: {e.__class__.__name__}: {e}")
             if time.monotonic() + delay > deadline:
                 return rejected(msg, f"{e}; gave up after {REGISTRY_RETRY_S:.0f} s")
             log.warning("%s[%d]@%d waits for the schema registry: %s; retrying in %.1fs",
@@ -407,15 +417,6 @@ async def outputs_of(msg, compute, views=(), event=None) -> list[Out]:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
             continue
-        except BadRecord as e:
-            for view in views:
-                view.discard()
-            return rejected(msg, str(e))
-        except Exception as e:  # a bug must cost one record, not the worker
-            for view in views:
-                view.discard()
-            log.exception("failed on %s[%d]@%d", msg.topic, msg.partition, msg.offset)
-            return rejected(msg, f"internal error: {e.__class__.__name__}: {e}")
         for view in views:
             view.keep(event)
         return outs
@@ -444,8 +445,7 @@ async def handle_batches(stream, compute, views) -> None:
             await send_all(outs)
         except BaseException:
             for view in views:
-                view.discard()
-                view.batch.clear()
+                view.abandon()
             raise
         for view in views:  # only once the outputs are acknowledged
             view.commit()

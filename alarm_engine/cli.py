@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -473,7 +474,7 @@ class _KafkaErrors(logging.Handler):
 
     def __init__(self):
         super().__init__(logging.ERROR)
-        self.messages: list[str] = []
+        self.messages: collections.deque[str] = collections.deque(maxlen=20)  # a --follow may run for days
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
