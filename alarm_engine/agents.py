@@ -80,9 +80,27 @@ class _ConsumerThread(AIOKafkaConsumerThread):
         return consumer
 
 
+# Set while an agent acknowledges the input records it has handled (ack_handled).
+_acking_handled = False
+
+
 class _Consumer(AIOKafkaTransport.Consumer):
     def _new_consumer_thread(self):
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def ack(self, message) -> bool:
+        # Faust also acknowledges records that no agent handled: those it skips
+        # while a rebalance holds the flow or because they were fetched in an
+        # earlier rebalance generation. A commit could then pass over a record that
+        # was never processed (its effect lost for good). An input record is
+        # acknowledged only by the agent that handled it; a skipped one stays
+        # unacknowledged, so the commit stops before it and the seek to the
+        # committed offsets after the rebalance reads it again.
+        if not _acking_handled and message.topic in LOGICAL:
+            log.debug("%s[%d]@%d skipped by Faust: left unacknowledged, read again after the seek",
+                      message.topic, message.partition, message.offset)
+            return False
+        return super().ack(message)
 
 
 class _Transport(AIOKafkaTransport):
@@ -430,15 +448,20 @@ BATCH_MAX = int(os.environ.get("ALARM_ENGINE_BATCH_MAX", "500"))
 BATCH_WITHIN_S = float(os.environ.get("ALARM_ENGINE_BATCH_WITHIN_MS", "5")) / 1000
 
 
-async def handle_batches(stream, compute, views) -> None:
-    """`compute(logical topic, key, value, message)` -> outputs of one record."""
-    async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+async def handle_batches(stream, compute, views=()) -> None:
+    """`compute(logical topic, key, value, message)` -> outputs of one record.
+
+    No input record is acknowledged before its outputs and table writes are: a
+    batch interrupted anywhere (a cancelled agent, a failed send) acknowledges
+    nothing, and its records are read again from the committed offsets. (Faust's
+    take_events() would acknowledge the whole batch on the way out.)"""
+    async for events in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
         outs: list[Out] = []
         try:
             for event in events:
                 msg = event.message
-                # In a take_events() batch no event is in progress, and Faust's store
-                # would read keys from whichever local partition has them.
+                # In a batch no event is in progress, and Faust's store would read
+                # keys from whichever local partition has them.
                 with in_progress(event):
                     outs += await outputs_of(
                         msg, lambda: compute(LOGICAL[msg.topic], decode_key(msg.key), msg.value, msg), views, event)
@@ -450,6 +473,17 @@ async def handle_batches(stream, compute, views) -> None:
         for view in views:  # only once the outputs are acknowledged
             view.commit()
         await changelog_acked()  # and the input is acknowledged only after the state
+        await ack_handled(stream, events)
+
+
+async def ack_handled(stream, events) -> None:
+    global _acking_handled
+    _acking_handled = True
+    try:
+        for event in events:
+            await stream.ack(event)
+    finally:
+        _acking_handled = False
 
 
 # --- the CA bridge ------------------------------------------------------------
@@ -500,26 +534,22 @@ class Bridge:
 bridge = Bridge()
 
 
+def _monitored_outputs(topic: str, pv: str, value: bytes | None, msg) -> list[Out]:
+    datum = codec().decode("monitored-pvs", value)
+    if datum is None:
+        monitored.pop(msg.key, None)
+        bridge.remove(pv)
+        return [Out("pv-state", msg.key, None)]
+    mask = sorted(records.monitor_mask(datum))
+    monitored[msg.key] = {"mask": mask, "partition": msg.partition}
+    bridge.add(pv, mask, msg.partition)
+    return []
+
+
 @app.agent(monitored_in, concurrency=1)
 async def monitored_agent(stream):
     """monitored-pvs -> CA subscriptions; removal also clears the PV's state."""
-    async for event in stream.events():
-        msg = event.message
-
-        def compute() -> list[Out]:
-            pv = decode_key(msg.key)
-            datum = codec().decode("monitored-pvs", msg.value)
-            if datum is None:
-                monitored.pop(msg.key, None)
-                bridge.remove(pv)
-                return [Out("pv-state", msg.key, None)]
-            mask = sorted(records.monitor_mask(datum))
-            monitored[msg.key] = {"mask": mask, "partition": msg.partition}
-            bridge.add(pv, mask, msg.partition)
-            return []
-
-        await send_all(await outputs_of(msg, compute))
-        await changelog_acked()
+    await handle_batches(stream, _monitored_outputs)
 
 
 @monitored.on_recover

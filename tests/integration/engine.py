@@ -56,11 +56,20 @@ class Worker:
             raise RuntimeError(f"worker {self.name} not ready in {timeout:.0f}s:\n{out[-4000:]}")
         return self
 
+    @property
+    def log_path(self) -> Path:
+        """The whole output of every run of this worker (kept with pytest's tmp_path)."""
+        return self.data_dir.parent / f"{self.name}.log"
+
     def _pump(self, proc):
-        for line in proc.stdout:
-            self.lines.append(line.rstrip())
-            if "Ready" in line and "Worker" in line:
-                self._ready.set()
+        with open(self.log_path, "a") as log:
+            log.write(f"--- started pid {proc.pid} at {time.strftime('%H:%M:%S')}\n")
+            for line in proc.stdout:
+                log.write(line)
+                self.lines.append(line.rstrip())
+                if "Ready" in line and "Worker" in line:
+                    self._ready.set()
+            log.write(f"--- pid {proc.pid} ended at {time.strftime('%H:%M:%S')}\n")
 
     def output(self) -> str:
         return "\n".join(self.lines)

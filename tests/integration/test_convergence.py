@@ -80,6 +80,7 @@ def _converges_under_sigkill(settings, tmp_path, soak: bool, n_workers: int = 2)
     view = ActiveView(settings)
     workers = [Worker(settings, tmp_path / f"w{i}", f"w{i}", extra_env=FAST_FAILOVER) for i in range(n_workers)]
     view.workers = workers
+    print(f"seed {seed}, topic prefix {settings.topic_prefix!r}, worker logs {[str(w.log_path) for w in workers]}")
     feeder = killer = None
     t_start = time.monotonic()
     checkpoints = []

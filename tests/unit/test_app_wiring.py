@@ -90,35 +90,101 @@ def test_table_writes_reach_the_table_only_when_the_batch_commits():
 
 def test_each_record_of_a_batch_is_the_event_in_progress_while_it_is_handled():
     # Faust's RocksDB store reads a key from the partition of the event in progress;
-    # in a take_events() batch no event is in progress unless the agent sets it.
+    # in a batch no event is in progress unless the agent sets it.
     import asyncio
 
     from faust.streams import current_event
 
     from alarm_engine import agents
 
-    class Message:
-        def __init__(self, partition, offset):
-            self.topic, self.partition, self.offset = next(iter(agents.LOGICAL)), partition, offset
-            self.key, self.value, self.timestamp = b"k", b"v", 0.0
-
-    class Event:
-        def __init__(self, partition, offset):
-            self.message = Message(partition, offset)
-
+    Event = _Event
     batches = [[Event(0, 1), Event(2, 7)], [Event(1, 3)]]
-
-    class Stream:
-        async def take_events(self, max_, within):
-            for batch in batches:
-                yield batch
-
+    stream = _Stream(batches)
     seen = []
 
     def compute(topic, key, value, msg):
         seen.append((current_event() and current_event().message.partition, msg.partition))
         return []
 
-    asyncio.run(agents.handle_batches(Stream(), compute, ()))
+    asyncio.run(agents.handle_batches(stream, compute, ()))
     assert seen == [(0, 0), (2, 2), (1, 1)]
     assert current_event() is None
+    assert stream.acked == [(0, 1), (2, 7), (1, 3)]
+
+
+class _Message:
+    def __init__(self, partition, offset):
+        from alarm_engine import agents
+
+        self.topic, self.partition, self.offset = next(iter(agents.LOGICAL)), partition, offset
+        self.key, self.value, self.timestamp = b"k", b"v", 0.0
+
+
+class _Event:
+    def __init__(self, partition, offset):
+        self.message = _Message(partition, offset)
+
+
+class _Stream:
+    """Faust's Stream as the agents use it: noack_take() batches, ack() per event."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.acked = []
+
+    async def noack_take(self, max_, within):
+        for batch in self.batches:
+            yield batch
+
+    async def ack(self, event):
+        from alarm_engine import agents
+
+        assert agents._acking_handled
+        self.acked.append((event.message.partition, event.message.offset))
+        return True
+
+
+def test_an_interrupted_batch_acknowledges_none_of_its_records():
+    # Faust's take_events() acknowledged a whole batch on the way out, also when the
+    # agent was interrupted before handling it: the commit then skipped the records.
+    import asyncio
+
+    import pytest
+
+    from alarm_engine import agents
+
+    stream = _Stream([[_Event(0, 1), _Event(0, 2)], [_Event(0, 3), _Event(0, 4)]])
+    view_table = {}
+    view = agents._StrKeyed(view_table)
+
+    def compute(topic, key, value, msg):
+        view[f"k{msg.offset}"] = msg.offset
+        if msg.offset == 4:
+            raise asyncio.CancelledError()  # e.g. the agent stopped mid-batch
+        return []
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(agents.handle_batches(stream, compute, (view,)))
+    assert stream.acked == [(0, 1), (0, 2)]
+    assert view_table == {b"k1": 1, b"k2": 2}  # the second batch's writes dropped with it
+
+
+def test_the_consumer_acknowledges_input_records_only_for_the_agent_that_handled_them():
+    # Faust acknowledges records it skips during a rebalance; a commit must not pass them.
+    from faust.types import TP, Message
+
+    from alarm_engine import agents
+
+    def message(topic):
+        return Message(topic, 0, 5, 0.0, 0, None, b"k", b"v", None, tp=TP(topic, 0))
+
+    consumer = agents.app.consumer  # created, not started
+    skipped, handled, other = message(next(iter(agents.LOGICAL))), message(next(iter(agents.LOGICAL))), message("x")
+    consumer.ack(skipped)
+    consumer.ack(other)  # not an input topic of the agents: Faust's rules
+    agents._acking_handled = True
+    try:
+        consumer.ack(handled)
+    finally:
+        agents._acking_handled = False
+    assert (skipped.acked, handled.acked, other.acked) == (False, True, True)
