@@ -83,6 +83,20 @@ class _ConsumerThread(AIOKafkaConsumerThread):
 # Set while an agent acknowledges the input records it has handled (ack_handled).
 _acking_handled = False
 
+# ALARM_ENGINE_TRACE=1 logs every input record handled, and the consumer's seeks,
+# gaps, refused acknowledgements and commits: what it takes to follow a record
+# through rebalances and restarts (the crash tests turn it on).
+TRACE = os.environ.get("ALARM_ENGINE_TRACE", "") in ("1", "true", "yes")
+
+
+def _trace(fmt: str, *args) -> None:
+    if TRACE:
+        log.info("trace: " + fmt, *args)
+
+
+def _tp(tp) -> str:
+    return f"{LOGICAL.get(tp.topic, tp.topic)}[{tp.partition}]"
+
 
 class _Consumer(AIOKafkaTransport.Consumer):
     def _new_consumer_thread(self):
@@ -97,10 +111,23 @@ class _Consumer(AIOKafkaTransport.Consumer):
         # unacknowledged, so the commit stops before it and the seek to the
         # committed offsets after the rebalance reads it again.
         if not _acking_handled and message.topic in LOGICAL:
-            log.debug("%s[%d]@%d skipped by Faust: left unacknowledged, read again after the seek",
-                      message.topic, message.partition, message.offset)
+            _trace("ack refused %s@%d gen %s", _tp(message.tp), message.offset, message.generation_id)
             return False
         return super().ack(message)
+
+    async def perform_seek(self) -> None:
+        await super().perform_seek()
+        _trace("seek gen %s: %s", self.app.consumer_generation_id,
+                    {_tp(tp): o for tp, o in self._read_offset.items() if tp.topic in LOGICAL})
+
+    async def _add_gap(self, tp, offset_from: int, offset_to: int) -> None:
+        _trace("gap %s %d..%d", _tp(tp), offset_from, offset_to)
+        await super()._add_gap(tp, offset_from, offset_to)
+
+    async def _commit(self, offsets) -> bool:
+        ok = await super()._commit(offsets)
+        _trace("commit %s: %s", ok, {_tp(tp): o for tp, o in offsets.items() if tp.topic in LOGICAL})
+        return ok
 
 
 class _Transport(AIOKafkaTransport):
@@ -460,6 +487,8 @@ async def handle_batches(stream, compute, views=()) -> None:
         try:
             for event in events:
                 msg = event.message
+                _trace("handle %s@%d key %r gen %s/%s", _tp(msg.tp), msg.offset, msg.key,
+                            msg.generation_id, app.consumer_generation_id)
                 # In a batch no event is in progress, and Faust's store would read
                 # keys from whichever local partition has them.
                 with in_progress(event):

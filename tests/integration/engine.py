@@ -154,6 +154,7 @@ from alarm_engine.core import (  # noqa: E402
 # Environment for workers in crash tests: a killed worker's group membership expires in
 # seconds instead of Faust's default 60 s, so a restart does not wait a minute to rebalance.
 FAST_FAILOVER = {"BROKER_SESSION_TIMEOUT": "8", "BROKER_HEARTBEAT_INTERVAL": "2"}
+TRACE = {"ALARM_ENGINE_TRACE": "1"}  # every record handled, seeks, commits: in the worker logs
 
 _PRIORITIES = ["P1_LIFE", "P2_PROPERTY", "P3_PRODUCTIVITY", "P4_DIAGNOSTIC"]
 _RULES = ["`{a}` > 50 and `{b}` > 50", "`{a}` + `{b}` > 120", "severity(`{a}`) >= MAJOR or `{b}` < 10",

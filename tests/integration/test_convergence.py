@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests.integration.engine import (
-    FAST_FAILOVER, ActiveView, Feeder, Oracle, Worker, Workload, divergence, wait_caught_up, wait_converged,
+    FAST_FAILOVER, TRACE, ActiveView, Feeder, Oracle, Worker, Workload, divergence, wait_caught_up, wait_converged,
 )
 
 pytestmark = pytest.mark.integration
@@ -78,7 +78,7 @@ def _converges_under_sigkill(settings, tmp_path, soak: bool, n_workers: int = 2)
     rnd = random.Random(seed)
     workload, oracle = Workload(seed), Oracle(settings)
     view = ActiveView(settings)
-    workers = [Worker(settings, tmp_path / f"w{i}", f"w{i}", extra_env=FAST_FAILOVER) for i in range(n_workers)]
+    workers = [Worker(settings, tmp_path / f"w{i}", f"w{i}", extra_env={**FAST_FAILOVER, **TRACE}) for i in range(n_workers)]
     view.workers = workers
     print(f"seed {seed}, topic prefix {settings.topic_prefix!r}, worker logs {[str(w.log_path) for w in workers]}")
     feeder = killer = None

@@ -114,10 +114,13 @@ def test_each_record_of_a_batch_is_the_event_in_progress_while_it_is_handled():
 
 class _Message:
     def __init__(self, partition, offset):
+        from faust.types import TP
+
         from alarm_engine import agents
 
         self.topic, self.partition, self.offset = next(iter(agents.LOGICAL)), partition, offset
         self.key, self.value, self.timestamp = b"k", b"v", 0.0
+        self.tp, self.generation_id = TP(self.topic, partition), 1
 
 
 class _Event:
