@@ -320,9 +320,14 @@ class _StrKeyed:
         self.pending.clear()
         self.batch.clear()
 
-    def commit(self) -> None:
+    def commit(self, fences: bool = False) -> None:
+        """Write the batch's entries: its state (`fences=False`), then, once that
+        is acknowledged, its fence entries (`fences=True`)."""
         self.keep()
-        for k, (v, event) in self.batch.items():
+        for k, (v, event) in list(self.batch.items()):
+            if k.startswith(FENCE_PREFIX) != fences:
+                continue
+            del self.batch[k]
             # Faust writes a table key's changelog record to the partition of the
             # event in progress: the batch is written after its events, so set it.
             with in_progress(event):
@@ -330,7 +335,40 @@ class _StrKeyed:
                     self.t.pop(k, None)
                 else:
                     self.t[k] = v
-        self.batch.clear()
+
+
+# Each agent keeps in its first table, per input partition, the offset of the last
+# record it has applied from each input topic of that partition. A record at or
+# below that offset has been applied already: a replay after a restart or a seek,
+# or an old copy that Faust's consumer hands over again around a rebalance (the
+# SIGKILL soak caught one applied after a newer record of the same partition,
+# undoing it for good). Such a record is acknowledged and not applied again: an
+# alarm's state only moves forward, and a replay does not make alarms flap.
+# The entries are written after the batch's state has been acknowledged, so a
+# fence is never ahead of the state it vouches for.
+FENCE_PREFIX = b"\x00applied:"
+
+
+class Fence:
+    def __init__(self, view: "_StrKeyed"):
+        self.view = view
+
+    @staticmethod
+    def _key(partition: int) -> str:
+        return (FENCE_PREFIX + str(partition).encode()).decode()
+
+    def applied(self, msg) -> bool:
+        marks = self.view.get(self._key(msg.partition)) or {}
+        return msg.offset <= marks.get(msg.topic, -1)
+
+    def mark(self, msg, event) -> None:
+        key = self._key(msg.partition)
+        self.view[key] = {**(self.view.get(key) or {}), msg.topic: msg.offset}
+        self.view.keep(event)
+
+
+def is_fence(key: bytes) -> bool:
+    return key.startswith(FENCE_PREFIX)
 
 
 @contextlib.contextmanager
@@ -351,6 +389,7 @@ _processor: AlarmProcessor | None = None
 _router: Router | None = None
 alarm_state_view = _StrKeyed(alarm_state)
 router_views = (_StrKeyed(pv_latest), _StrKeyed(pv_dependents))
+monitored_view = _StrKeyed(monitored)
 
 
 def processor() -> AlarmProcessor:
@@ -475,25 +514,31 @@ BATCH_MAX = int(os.environ.get("ALARM_ENGINE_BATCH_MAX", "500"))
 BATCH_WITHIN_S = float(os.environ.get("ALARM_ENGINE_BATCH_WITHIN_MS", "5")) / 1000
 
 
-async def handle_batches(stream, compute, views=()) -> None:
-    """`compute(logical topic, key, value, message)` -> outputs of one record.
+async def handle_batches(stream, compute, views) -> None:
+    """`compute(logical topic, key, value, message)` -> outputs of one record,
+    reading and writing `views`; the first view also keeps the agent's fence.
 
     No input record is acknowledged before its outputs and table writes are: a
     batch interrupted anywhere (a cancelled agent, a failed send) acknowledges
     nothing, and its records are read again from the committed offsets. (Faust's
     take_events() would acknowledge the whole batch on the way out.)"""
+    fence = Fence(views[0])
     async for events in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
         outs: list[Out] = []
         try:
             for event in events:
                 msg = event.message
-                _trace("handle %s@%d key %r gen %s/%s", _tp(msg.tp), msg.offset, msg.key,
-                            msg.generation_id, app.consumer_generation_id)
                 # In a batch no event is in progress, and Faust's store would read
                 # keys from whichever local partition has them.
                 with in_progress(event):
+                    if fence.applied(msg):
+                        _trace("applied already %s@%d key %r", _tp(msg.tp), msg.offset, msg.key)
+                        continue
+                    _trace("handle %s@%d key %r gen %s/%s", _tp(msg.tp), msg.offset, msg.key,
+                           msg.generation_id, app.consumer_generation_id)
                     outs += await outputs_of(
                         msg, lambda: compute(LOGICAL[msg.topic], decode_key(msg.key), msg.value, msg), views, event)
+                    fence.mark(msg, event)
             await send_all(outs)
         except BaseException:
             for view in views:
@@ -501,7 +546,9 @@ async def handle_batches(stream, compute, views=()) -> None:
             raise
         for view in views:  # only once the outputs are acknowledged
             view.commit()
-        await changelog_acked()  # and the input is acknowledged only after the state
+        await changelog_acked()  # then the fences, then the input is acknowledged
+        fence.view.commit(fences=True)
+        await changelog_acked()
         await ack_handled(stream, events)
 
 
@@ -566,11 +613,11 @@ bridge = Bridge()
 def _monitored_outputs(topic: str, pv: str, value: bytes | None, msg) -> list[Out]:
     datum = codec().decode("monitored-pvs", value)
     if datum is None:
-        monitored.pop(msg.key, None)
+        del monitored_view[pv]
         bridge.remove(pv)
         return [Out("pv-state", msg.key, None)]
     mask = sorted(records.monitor_mask(datum))
-    monitored[msg.key] = {"mask": mask, "partition": msg.partition}
+    monitored_view[pv] = {"mask": mask, "partition": msg.partition}
     bridge.add(pv, mask, msg.partition)
     return []
 
@@ -578,7 +625,7 @@ def _monitored_outputs(topic: str, pv: str, value: bytes | None, msg) -> list[Ou
 @app.agent(monitored_in, concurrency=1)
 async def monitored_agent(stream):
     """monitored-pvs -> CA subscriptions; removal also clears the PV's state."""
-    await handle_batches(stream, _monitored_outputs)
+    await handle_batches(stream, _monitored_outputs, (monitored_view,))
 
 
 @monitored.on_recover
@@ -586,7 +633,7 @@ async def _resubscribe() -> None:
     actives = {tp.partition for tp in app.assignor.assigned_actives()
                if tp.topic == settings.topic("monitored-pvs")}
     wanted = {k.decode(): (v["mask"], v["partition"]) for k, v in monitored.items()
-              if v and v["partition"] in actives}
+              if v and not is_fence(k) and v["partition"] in actives}
     bridge.sync(wanted)
     log.info("CA bridge: %d PV(s) subscribed for partitions %s", len(wanted), sorted(actives))
 
@@ -618,7 +665,7 @@ async def alarm_agent(stream):
 
 @alarm_state.on_recover
 async def _rebuild_timers() -> None:
-    processor().rebuild_deadlines((k.decode(), v) for k, v in alarm_state.items() if v)
+    processor().rebuild_deadlines((k.decode(), v) for k, v in alarm_state.items() if v and not is_fence(k))
 
 
 @app.timer(interval=0.25)

@@ -106,7 +106,7 @@ def test_each_record_of_a_batch_is_the_event_in_progress_while_it_is_handled():
         seen.append((current_event() and current_event().message.partition, msg.partition))
         return []
 
-    asyncio.run(agents.handle_batches(stream, compute, ()))
+    asyncio.run(agents.handle_batches(stream, compute, (agents._StrKeyed({}),)))
     assert seen == [(0, 0), (2, 2), (1, 1)]
     assert current_event() is None
     assert stream.acked == [(0, 1), (2, 7), (1, 3)]
@@ -169,7 +169,43 @@ def test_an_interrupted_batch_acknowledges_none_of_its_records():
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(agents.handle_batches(stream, compute, (view,)))
     assert stream.acked == [(0, 1), (0, 2)]
-    assert view_table == {b"k1": 1, b"k2": 2}  # the second batch's writes dropped with it
+    # the second batch's writes are dropped with it, its fence too
+    assert view_table == {b"k1": 1, b"k2": 2, b"\x00applied:0": {next(iter(agents.LOGICAL)): 2}}
+
+
+def test_a_record_applied_already_is_acknowledged_and_not_applied_again():
+    # A replay after a seek, or an old copy handed over again around a rebalance:
+    # applying offset 1 after offset 2 of the same partition would undo offset 2.
+    import asyncio
+
+    from alarm_engine import agents
+
+    topic = next(iter(agents.LOGICAL))
+    writes = []
+
+    class Table(dict):
+        def __setitem__(self, k, v):
+            writes.append(k)
+            super().__setitem__(k, v)
+
+    view = agents._StrKeyed(Table())
+    stream = _Stream([[_Event(0, 1), _Event(0, 2), _Event(1, 5)], [_Event(0, 1)], [_Event(0, 2), _Event(0, 3)],
+                      [_Event(1, 5), _Event(1, 6)]])
+    applied = []
+
+    def compute(topic, key, value, msg):
+        applied.append((msg.partition, msg.offset))
+        view[f"state{msg.partition}"] = msg.offset
+        return []
+
+    asyncio.run(agents.handle_batches(stream, compute, (view,)))
+    assert applied == [(0, 1), (0, 2), (1, 5), (0, 3), (1, 6)]
+    assert stream.acked == [(0, 1), (0, 2), (1, 5), (0, 1), (0, 2), (0, 3), (1, 5), (1, 6)]
+    assert view.t == {b"state0": 3, b"state1": 6,
+                      b"\x00applied:0": {topic: 3}, b"\x00applied:1": {topic: 6}}
+    # In each batch the fence is written after the state it vouches for.
+    assert writes == [b"state0", b"state1", b"\x00applied:0", b"\x00applied:1",
+                      b"state0", b"\x00applied:0", b"state1", b"\x00applied:1"]
 
 
 def test_the_consumer_acknowledges_input_records_only_for_the_agent_that_handled_them():
