@@ -108,8 +108,6 @@ def _converges_under_sigkill(settings, tmp_path, soak: bool, n_workers: int = 2)
         expected = oracle.expected()
         cross = divergence(expected, oracle.expected_from_final_values())
         assert not cross, f"the workload depends on interleaving: {sorted(cross.items())[:10]}"
-        # A restarted worker replays the inputs it had not committed, on top of tables that
-        # may already include them: transient flaps are expected until it has caught up.
         # Once the group has committed every input, the view must be right and stay so.
         caught_up_s = wait_caught_up(settings, timeout=120)
         diff = wait_converged(view, expected, timeout=30)
