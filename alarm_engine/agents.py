@@ -17,6 +17,7 @@ moves bytes and keeps the CA subscriptions in step with the partitions.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -99,8 +100,61 @@ def _tp(tp) -> str:
 
 
 class _Consumer(AIOKafkaTransport.Consumer):
+    """Faust's consumer, made to hand each input partition over in offset order.
+
+    Faust hands a fetched batch over record by record, awaiting each, and a seek
+    in between (every rebalance ends with a seek to the committed offsets) does not
+    stop it: records fetched before the seek still arrive after it, ahead of the
+    same records read again, and Faust's offset bookkeeping then counts the records
+    in between as read (a "gap", committed as if handled) or drops their new copies.
+    The SIGKILL soak, traced, showed both: records handled out of order, and records
+    never handled at all. Here each partition has a seek epoch: a record fetched in
+    an earlier epoch of its partition is not handed over, and one handed over before
+    a seek is `stale()` and left alone by the agents; aiokafka reads them again from
+    the seek position.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epoch: collections.defaultdict = collections.defaultdict(int)  # tp -> seeks so far
+        self._handed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # message -> epoch
+        self._seek_read: dict = {}  # tp -> (epoch, read offset) set by its last finished seek
+
     def _new_consumer_thread(self):
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def stale(self, message) -> bool:
+        """Handed over before a later seek of its partition (it will be read again)."""
+        return self._handed.get(message, self._epoch[message.tp]) != self._epoch[message.tp]
+
+    async def perform_seek(self) -> None:
+        tps = set(self.assignment())
+        for tp in tps:
+            self._epoch[tp] += 1
+        await super().perform_seek()
+        for tp in tps:
+            self._seek_read[tp] = (self._epoch[tp], self._read_offset.get(tp))
+        _trace("seek gen %s: %s", self.app.consumer_generation_id,
+               {_tp(tp): o for tp, o in self._read_offset.items() if tp.topic in LOGICAL})
+
+    async def seek(self, partition, offset: int) -> None:
+        self._epoch[partition] += 1
+        await super().seek(partition, offset)
+        self._seek_read[partition] = (self._epoch[partition], self._read_offset.get(partition))
+
+    async def getmany(self, timeout: float):
+        start = dict(self._epoch)
+        async for tp, message in super().getmany(timeout):
+            epoch = start.get(tp, 0)
+            if self._epoch[tp] != epoch:
+                continue  # fetched before a seek of its partition: it is read again
+            self._handed[message] = epoch
+            yield tp, message
+            seek_epoch, read = self._seek_read.get(tp, (None, None))
+            if self._epoch[tp] != epoch and seek_epoch == self._epoch[tp]:
+                # A seek finished while this record was handed over, and Faust then
+                # set the read position to this record: put the seek's back.
+                self._read_offset[tp] = read
 
     def ack(self, message) -> bool:
         # Faust also acknowledges records that no agent handled: those it skips
@@ -114,11 +168,6 @@ class _Consumer(AIOKafkaTransport.Consumer):
             _trace("ack refused %s@%d gen %s", _tp(message.tp), message.offset, message.generation_id)
             return False
         return super().ack(message)
-
-    async def perform_seek(self) -> None:
-        await super().perform_seek()
-        _trace("seek gen %s: %s", self.app.consumer_generation_id,
-                    {_tp(tp): o for tp, o in self._read_offset.items() if tp.topic in LOGICAL})
 
     async def _add_gap(self, tp, offset_from: int, offset_to: int) -> None:
         _trace("gap %s %d..%d", _tp(tp), offset_from, offset_to)
@@ -525,12 +574,19 @@ async def handle_batches(stream, compute, views) -> None:
     fence = Fence(views[0])
     async for events in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
         outs: list[Out] = []
+        done = []  # the events to acknowledge: all but the stale ones
         try:
             for event in events:
                 msg = event.message
                 # In a batch no event is in progress, and Faust's store would read
                 # keys from whichever local partition has them.
                 with in_progress(event):
+                    if app.consumer.stale(msg):
+                        # Read again from the seek position: not handled, not acknowledged.
+                        _trace("stale %s@%d key %r", _tp(msg.tp), msg.offset, msg.key)
+                        app.consumer._unacked_messages.discard(msg)  # rebalances need not wait for it
+                        continue
+                    done.append(event)
                     if fence.applied(msg):
                         _trace("applied already %s@%d key %r", _tp(msg.tp), msg.offset, msg.key)
                         continue
@@ -549,7 +605,7 @@ async def handle_batches(stream, compute, views) -> None:
         await changelog_acked()  # then the fences, then the input is acknowledged
         fence.view.commit(fences=True)
         await changelog_acked()
-        await ack_handled(stream, events)
+        await ack_handled(stream, done)
 
 
 async def ack_handled(stream, events) -> None:

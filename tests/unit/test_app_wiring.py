@@ -227,3 +227,57 @@ def test_the_consumer_acknowledges_input_records_only_for_the_agent_that_handled
     finally:
         agents._acking_handled = False
     assert (skipped.acked, handled.acked, other.acked) == (False, True, True)
+
+
+def test_records_fetched_before_a_seek_of_their_partition_are_not_handled(monkeypatch):
+    # Faust hands a fetched batch over one record at a time; a seek in between used
+    # to let the rest through, ahead of the same records read again (out of order),
+    # and its read position bookkeeping then skipped records for good.
+    import asyncio
+
+    from faust.transport.drivers.aiokafka import Transport
+    from faust.types import TP, Message
+
+    from alarm_engine import agents
+
+    topic = next(iter(agents.LOGICAL))
+    tp0, tp1 = TP(topic, 0), TP(topic, 1)
+    fetched = [(tp0, 10), (tp0, 11), (tp1, 20), (tp0, 12)]
+
+    async def getmany(self, timeout):
+        for tp, offset in fetched:
+            yield tp, Message(topic, tp.partition, offset, 0.0, 0, None, b"k", b"v", None, tp=tp)
+
+    monkeypatch.setattr(Transport.Consumer, "getmany", getmany)
+    consumer = agents.app.consumer
+
+    async def drain():
+        handed = []
+        async for tp, message in consumer.getmany(timeout=0):
+            handed.append(message)
+            if message.offset == 10:  # a seek of partition 0 finishes while 10 is handed over
+                consumer._epoch[tp0] += 1
+                consumer._seek_read[tp0] = (consumer._epoch[tp0], 9)
+                consumer._read_offset[tp0] = 10  # what Faust sets after handing 10 over
+        return handed
+
+    handed = asyncio.run(drain())
+    assert [m.offset for m in handed] == [10, 20]
+    assert consumer._read_offset[tp0] == 9  # the seek's position, so 10, 11, 12 are read again
+    assert consumer.stale(handed[0]) and not consumer.stale(handed[1])
+
+
+def test_a_stale_record_is_neither_handled_nor_acknowledged():
+    import asyncio
+
+    from alarm_engine import agents
+
+    consumer = agents.app.consumer
+    old, fresh = _Event(2, 30), _Event(2, 31)
+    consumer._handed[old.message] = consumer._epoch[old.message.tp]
+    consumer._epoch[old.message.tp] += 1  # then its partition was seeked
+    stream = _Stream([[old, fresh]])
+    applied = []
+    asyncio.run(agents.handle_batches(stream, lambda t, k, v, msg: applied.append(msg.offset) or [],
+                                      (agents._StrKeyed({}),)))
+    assert applied == [31] and stream.acked == [(2, 31)]
