@@ -100,25 +100,31 @@ def _tp(tp) -> str:
 
 
 class _Consumer(AIOKafkaTransport.Consumer):
-    """Faust's consumer, made to hand each input partition over in offset order.
+    """Faust's consumer, made to hand each input partition over in offset order,
+    without holes.
 
     Faust hands a fetched batch over record by record, awaiting each, and a seek
     in between (every rebalance ends with a seek to the committed offsets) does not
-    stop it: records fetched before the seek still arrive after it, ahead of the
-    same records read again, and Faust's offset bookkeeping then counts the records
-    in between as read (a "gap", committed as if handled) or drops their new copies.
-    The SIGKILL soak, traced, showed both: records handled out of order, and records
-    never handled at all. Here each partition has a seek epoch: a record fetched in
-    an earlier epoch of its partition is not handed over, and one handed over before
-    a seek is `stale()` and left alone by the agents; aiokafka reads them again from
-    the seek position.
+    stop it; it also drops the rest of a fetched batch when a rebalance starts,
+    although the fetch position has moved past it. Records then arrived out of
+    order, or never, and Faust's offset bookkeeping counted the missing ones as
+    read (a "gap", committed as if handled): the SIGKILL soak, traced, showed all
+    of it. Here, for each input partition:
+    - the records handed over must follow each other from the seek position; a
+      jump makes the consumer seek back to the missing record, and is accepted
+      only if the same jump is seen again from there (a hole left by compaction);
+      an offset below the expected one is an old copy and is not handed over;
+    - a seek starts a new epoch: a record handed over earlier is `stale()`, and the
+      agents leave it to the copy read again from the seek position.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._epoch: collections.defaultdict = collections.defaultdict(int)  # tp -> seeks so far
         self._handed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # message -> epoch
-        self._seek_read: dict = {}  # tp -> (epoch, read offset) set by its last finished seek
+        self._expect: dict = {}  # tp -> offset of the next record to hand over (None: any)
+        self._probe: dict = {}  # tp -> (expected, seen): the jump a seek back is checking
+        self._seek_read: dict = {}  # tp -> (epoch, Faust's read position) after its last seek
 
     def _new_consumer_thread(self):
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -127,27 +133,49 @@ class _Consumer(AIOKafkaTransport.Consumer):
         """Handed over before a later seek of its partition (it will be read again)."""
         return self._handed.get(message, self._epoch[message.tp]) != self._epoch[message.tp]
 
+    def _sought(self, tp, position) -> None:
+        self._epoch[tp] += 1
+        self._expect[tp] = position
+        self._seek_read[tp] = (self._epoch[tp], self._read_offset.get(tp))
+
     async def perform_seek(self) -> None:
-        tps = set(self.assignment())
-        for tp in tps:
-            self._epoch[tp] += 1
         await super().perform_seek()
-        for tp in tps:
-            self._seek_read[tp] = (self._epoch[tp], self._read_offset.get(tp))
+        for tp in self.assignment():
+            position = self._read_offset.get(tp)
+            if tp.topic in LOGICAL and position:  # aiokafka seeks only to committed offsets > 0
+                self._sought(tp, position)
         _trace("seek gen %s: %s", self.app.consumer_generation_id,
                {_tp(tp): o for tp, o in self._read_offset.items() if tp.topic in LOGICAL})
 
     async def seek(self, partition, offset: int) -> None:
-        self._epoch[partition] += 1
         await super().seek(partition, offset)
-        self._seek_read[partition] = (self._epoch[partition], self._read_offset.get(partition))
+        if partition.topic in LOGICAL:
+            self._sought(partition, offset)
 
     async def getmany(self, timeout: float):
         start = dict(self._epoch)
         async for tp, message in super().getmany(timeout):
+            if tp.topic not in LOGICAL:
+                yield tp, message
+                continue
             epoch = start.get(tp, 0)
             if self._epoch[tp] != epoch:
-                continue  # fetched before a seek of its partition: it is read again
+                continue  # fetched before a seek of its partition: read again from there
+            expected, offset = self._expect.get(tp), message.offset
+            if expected is not None and offset != expected:
+                if offset < expected:
+                    continue  # an old copy
+                if self._probe.get(tp) != (expected, offset):
+                    _trace("jump %s %d -> %d: seeking back", _tp(tp), expected, offset)
+                    self._probe[tp] = (expected, offset)
+                    try:
+                        await self.seek(tp, expected)
+                    except Exception as e:  # not assigned any more: the rebalance seeks
+                        _trace("seek %s failed: %r", _tp(tp), e)
+                    continue
+                _trace("hole %s %d..%d", _tp(tp), expected, offset - 1)
+            self._probe.pop(tp, None)
+            self._expect[tp] = offset + 1
             self._handed[message] = epoch
             yield tp, message
             seek_epoch, read = self._seek_read.get(tp, (None, None))
