@@ -142,8 +142,13 @@ class _Consumer(AIOKafkaTransport.Consumer):
         await super().perform_seek()
         for tp in self.assignment():
             position = self._read_offset.get(tp)
-            if tp.topic in LOGICAL and position:  # aiokafka seeks only to committed offsets > 0
+            if tp.topic not in LOGICAL:
+                continue
+            if position:  # aiokafka seeks only to committed offsets > 0
                 self._sought(tp, position)
+            else:  # nothing committed: it reads from wherever it is, or the earliest record
+                self._expect[tp] = None
+                self._probe.pop(tp, None)
         _trace("seek gen %s: %s", self.app.consumer_generation_id,
                {_tp(tp): o for tp, o in self._read_offset.items() if tp.topic in LOGICAL})
 
