@@ -99,6 +99,12 @@ def _tp(tp) -> str:
     return f"{LOGICAL.get(tp.topic, tp.topic)}[{tp.partition}]"
 
 
+# A jump in offsets seen again this many times, each right after seeking back to
+# the missing record, is a hole in the log. Once is not enough: a fetch already on
+# its way can show the same jump again right after the seek.
+HOLE_CONFIRMATIONS = 3
+
+
 class _Consumer(AIOKafkaTransport.Consumer):
     """Faust's consumer, made to hand each input partition over in offset order,
     without holes.
@@ -112,7 +118,8 @@ class _Consumer(AIOKafkaTransport.Consumer):
     of it. Here, for each input partition:
     - the records handed over must follow each other from the seek position; a
       jump makes the consumer seek back to the missing record, and is accepted
-      only if the same jump is seen again from there (a hole left by compaction);
+      only if the same jump is seen again from there HOLE_CONFIRMATIONS times in a
+      row (a hole left by compaction or retention);
       an offset below the expected one is an old copy and is not handed over;
     - a seek starts a new epoch: a record handed over earlier is `stale()`, and the
       agents leave it to the copy read again from the seek position.
@@ -123,7 +130,7 @@ class _Consumer(AIOKafkaTransport.Consumer):
         self._epoch: collections.defaultdict = collections.defaultdict(int)  # tp -> seeks so far
         self._handed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # message -> epoch
         self._expect: dict = {}  # tp -> offset of the next record to hand over (None: any)
-        self._probe: dict = {}  # tp -> (expected, seen): the jump a seek back is checking
+        self._probe: dict = {}  # tp -> ((expected, seen), times): the jump seeks back are checking
         self._seek_read: dict = {}  # tp -> (epoch, Faust's read position) after its last seek
 
     def _new_consumer_thread(self):
@@ -170,15 +177,18 @@ class _Consumer(AIOKafkaTransport.Consumer):
             if expected is not None and offset != expected:
                 if offset < expected:
                     continue  # an old copy
-                if self._probe.get(tp) != (expected, offset):
-                    _trace("jump %s %d -> %d: seeking back", _tp(tp), expected, offset)
-                    self._probe[tp] = (expected, offset)
+                seen, times = self._probe.get(tp, ((None, None), 0))
+                times = times + 1 if seen == (expected, offset) else 1
+                if times <= HOLE_CONFIRMATIONS:
+                    _trace("jump %s %d -> %d: seeking back (%d)", _tp(tp), expected, offset, times)
+                    self._probe[tp] = ((expected, offset), times)
                     try:
                         await self.seek(tp, expected)
                     except Exception as e:  # not assigned any more: the rebalance seeks
                         _trace("seek %s failed: %r", _tp(tp), e)
                     continue
-                _trace("hole %s %d..%d", _tp(tp), expected, offset - 1)
+                log.warning("%s: records %d..%d are not in the log (compaction or retention)",
+                            _tp(tp), expected, offset - 1)
             self._probe.pop(tp, None)
             self._expect[tp] = offset + 1
             self._handed[message] = epoch

@@ -297,7 +297,8 @@ def test_a_partition_is_handed_over_without_holes_unless_the_log_has_them(monkey
     topic = next(iter(agents.LOGICAL))
     tp = TP(topic, 0)
     log_offsets = [5, 6, 9, 10]  # 7 and 8 compacted away
-    fetches = [[5, 9], [6, 9], [9, 10, 6]]  # Faust lost 6; then 9 again; then an old copy of 6
+    # Faust lost 6; then the jump 7 -> 9 shows up again and again; then an old copy of 6
+    fetches = [[5, 9], [6, 9], [9], [9], [9, 10, 6]]
     seeks = []
 
     async def getmany(self, timeout):
@@ -322,4 +323,4 @@ def test_a_partition_is_handed_over_without_holes_unless_the_log_has_them(monkey
         return handed
 
     assert asyncio.run(drain()) == [5, 6, 9, 10]
-    assert seeks == [(0, 6), (0, 7)]
+    assert seeks == [(0, 6), (0, 7), (0, 7), (0, 7)]
