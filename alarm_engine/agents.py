@@ -103,6 +103,7 @@ def _tp(tp) -> str:
 # the missing record, is a hole in the log. Once is not enough: a fetch already on
 # its way can show the same jump again right after the seek.
 HOLE_CONFIRMATIONS = 3
+_SEEKING = object()
 
 
 class _Consumer(AIOKafkaTransport.Consumer):
@@ -132,6 +133,7 @@ class _Consumer(AIOKafkaTransport.Consumer):
         self._expect: dict = {}  # tp -> offset of the next record to hand over (None: any)
         self._probe: dict = {}  # tp -> ((expected, seen), times): the jump seeks back are checking
         self._seek_read: dict = {}  # tp -> (epoch, Faust's read position) after its last seek
+        self._dropped: set = set()  # partitions whose records arrived while a seek was under way
 
     def _new_consumer_thread(self):
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -140,40 +142,61 @@ class _Consumer(AIOKafkaTransport.Consumer):
         """Handed over before a later seek of its partition (it will be read again)."""
         return self._handed.get(message, self._epoch[message.tp]) != self._epoch[message.tp]
 
-    def _sought(self, tp, position) -> None:
+    def _seeking(self, tp) -> None:
+        # Until the seek is done, which records are from before it is unknown: none is
+        # handed over, and the ones handed over already are stale.
         self._epoch[tp] += 1
+        self._expect[tp] = _SEEKING
+        self._dropped.discard(tp)
+
+    async def _sought(self, tp, position: int) -> None:
         self._expect[tp] = position
         self._seek_read[tp] = (self._epoch[tp], self._read_offset.get(tp))
+        if tp in self._dropped:
+            # Records dropped during the seek may have been from after it: read them again.
+            self._dropped.discard(tp)
+            await super().seek(tp, position)
 
     async def perform_seek(self) -> None:
-        await super().perform_seek()
-        for tp in self.assignment():
-            position = self._read_offset.get(tp)
-            if tp.topic not in LOGICAL:
-                continue
-            if position:  # aiokafka seeks only to committed offsets > 0
-                self._sought(tp, position)
-            else:  # nothing committed: it reads from wherever it is, or the earliest record
-                self._expect[tp] = None
-                self._probe.pop(tp, None)
+        tps = [tp for tp in self.assignment() if tp.topic in LOGICAL]
+        for tp in tps:
+            self._seeking(tp)
+        try:
+            await super().perform_seek()
+            for tp in tps:
+                position = self._read_offset.get(tp)
+                if not position:
+                    # aiokafka seeks only to committed offsets > 0; read this one from the start.
+                    await super().seek(tp, 0)
+                    position = 0
+                await self._sought(tp, position)
+        finally:
+            for tp in tps:  # a failed seek: the rebalance that made it fail seeks again
+                if self._expect.get(tp) is _SEEKING:
+                    self._expect[tp] = None
         _trace("seek gen %s: %s", self.app.consumer_generation_id,
-               {_tp(tp): o for tp, o in self._read_offset.items() if tp.topic in LOGICAL})
+               {_tp(tp): self._expect.get(tp) for tp in tps})
 
     async def seek(self, partition, offset: int) -> None:
-        await super().seek(partition, offset)
-        if partition.topic in LOGICAL:
-            self._sought(partition, offset)
+        if partition.topic not in LOGICAL:
+            return await super().seek(partition, offset)
+        self._seeking(partition)
+        try:
+            await super().seek(partition, offset)
+            await self._sought(partition, offset)
+        finally:
+            if self._expect.get(partition) is _SEEKING:
+                self._expect[partition] = None
 
     async def getmany(self, timeout: float):
-        start = dict(self._epoch)
         async for tp, message in super().getmany(timeout):
             if tp.topic not in LOGICAL:
                 yield tp, message
                 continue
-            epoch = start.get(tp, 0)
-            if self._epoch[tp] != epoch:
-                continue  # fetched before a seek of its partition: read again from there
             expected, offset = self._expect.get(tp), message.offset
+            if expected is _SEEKING:
+                self._dropped.add(tp)
+                continue
             if expected is not None and offset != expected:
                 if offset < expected:
                     continue  # an old copy
@@ -191,7 +214,7 @@ class _Consumer(AIOKafkaTransport.Consumer):
                             _tp(tp), expected, offset - 1)
             self._probe.pop(tp, None)
             self._expect[tp] = offset + 1
-            self._handed[message] = epoch
+            epoch = self._handed[message] = self._epoch[tp]
             yield tp, message
             seek_epoch, read = self._seek_read.get(tp, (None, None))
             if self._epoch[tp] != epoch and seek_epoch == self._epoch[tp]:

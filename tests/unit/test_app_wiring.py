@@ -243,29 +243,70 @@ def test_records_fetched_before_a_seek_of_their_partition_are_not_handled(monkey
     topic = next(iter(agents.LOGICAL))
     tp0, tp1 = TP(topic, 0), TP(topic, 1)
     fetched = [(tp0, 10), (tp0, 11), (tp1, 20), (tp0, 12)]
+    seeks = []
 
     async def getmany(self, timeout):
         for tp, offset in fetched:
             yield tp, Message(topic, tp.partition, offset, 0.0, 0, None, b"k", b"v", None, tp=tp)
 
+    async def seek(self, partition, offset):
+        seeks.append((partition.partition, offset))
+        self._read_offset[partition] = offset
+
     monkeypatch.setattr(Transport.Consumer, "getmany", getmany)
+    monkeypatch.setattr(Transport.Consumer, "seek", seek)
     consumer = agents.app.consumer
     consumer._expect.clear()
+    consumer._probe.clear()
 
     async def drain():
         handed = []
         async for tp, message in consumer.getmany(timeout=0):
             handed.append(message)
-            if message.offset == 10:  # a seek of partition 0 finishes while 10 is handed over
-                consumer._epoch[tp0] += 1
-                consumer._seek_read[tp0] = (consumer._epoch[tp0], 9)
+            if message.offset == 10:  # a seek of partition 0 to 9 runs while 10 is handed over
+                await consumer.seek(tp0, 9)
                 consumer._read_offset[tp0] = 10  # what Faust sets after handing 10 over
         return handed
 
     handed = asyncio.run(drain())
-    assert [m.offset for m in handed] == [10, 20]
-    assert consumer._read_offset[tp0] == 9  # the seek's position, so 10, 11, 12 are read again
+    assert [m.offset for m in handed] == [10, 20]  # 11 and 12 are from before the seek
+    assert seeks == [(0, 9), (0, 9), (0, 9)]  # the seek, then back to 9 for each jump
+    assert consumer._read_offset[tp0] == 9  # the seek's position, so 9.. are read again
     assert consumer.stale(handed[0]) and not consumer.stale(handed[1])
+
+
+def test_records_arriving_while_a_seek_is_under_way_are_read_again(monkeypatch):
+    # They may be from after the seek, and then nothing would bring them back.
+    import asyncio
+
+    from faust.transport.drivers.aiokafka import Transport
+    from faust.types import TP, Message
+
+    from alarm_engine import agents
+
+    topic = next(iter(agents.LOGICAL))
+    tp = TP(topic, 2)
+    seeks = []
+    consumer = agents.app.consumer
+
+    async def getmany(self, timeout):
+        yield tp, Message(topic, 2, 40, 0.0, 0, None, b"k", b"v", None, tp=tp)
+
+    async def seek(self, partition, offset):
+        seeks.append((partition.partition, offset))
+        self._read_offset[partition] = offset
+
+    monkeypatch.setattr(Transport.Consumer, "getmany", getmany)
+    monkeypatch.setattr(Transport.Consumer, "seek", seek)
+
+    async def run():
+        consumer._seeking(tp)  # a seek to 40 under way
+        handed = [m async for _, m in consumer.getmany(timeout=0)]
+        await consumer._sought(tp, 40)
+        return handed
+
+    assert asyncio.run(run()) == []
+    assert seeks == [(2, 40)] and consumer._expect[tp] == 40
 
 
 def test_a_stale_record_is_neither_handled_nor_acknowledged():
