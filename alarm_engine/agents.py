@@ -150,8 +150,9 @@ class _Consumer(AIOKafkaTransport.Consumer):
         self._dropped.discard(tp)
 
     async def _sought(self, tp, position: int) -> None:
-        self._expect[tp] = position
-        self._seek_read[tp] = (self._epoch[tp], self._read_offset.get(tp))
+        if self._seek_read.get(tp, (None,))[0] != self._epoch[tp]:
+            self._expect[tp] = position
+            self._seek_read[tp] = (self._epoch[tp], self._read_offset.get(tp))
         if tp in self._dropped:
             # Records dropped during the seek may have been from after it: read them again.
             self._dropped.discard(tp)
@@ -163,13 +164,17 @@ class _Consumer(AIOKafkaTransport.Consumer):
             self._seeking(tp)
         try:
             await super().perform_seek()
+            # At once, before anything else can run: a record handed over before the
+            # seek may finish its hand-over any time now and move Faust's read position.
+            committed = {tp: self._read_offset.get(tp) for tp in tps}
             for tp in tps:
-                position = self._read_offset.get(tp)
-                if not position:
+                self._expect[tp] = committed[tp] or 0
+                self._seek_read[tp] = (self._epoch[tp], committed[tp])
+            for tp in tps:
+                if not committed[tp]:
                     # aiokafka seeks only to committed offsets > 0; read this one from the start.
-                    await super().seek(tp, 0)
-                    position = 0
-                await self._sought(tp, position)
+                    self._dropped.add(tp)
+                await self._sought(tp, committed[tp] or 0)
         finally:
             for tp in tps:  # a failed seek: the rebalance that made it fail seeks again
                 if self._expect.get(tp) is _SEEKING:
