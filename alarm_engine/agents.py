@@ -654,15 +654,18 @@ async def handle_batches(stream, compute, views) -> None:
                 with in_progress(event):
                     if app.consumer.stale(msg):
                         # Read again from the seek position: not handled, not acknowledged.
-                        _trace("stale %s@%d key %r", _tp(msg.tp), msg.offset, msg.key)
+                        if TRACE:
+                            _trace("stale %s@%d key %r", _tp(msg.tp), msg.offset, msg.key)
                         app.consumer._unacked_messages.discard(msg)  # rebalances need not wait for it
                         continue
                     done.append(event)
                     if fence.applied(msg):
-                        _trace("applied already %s@%d key %r", _tp(msg.tp), msg.offset, msg.key)
+                        if TRACE:
+                            _trace("applied already %s@%d key %r", _tp(msg.tp), msg.offset, msg.key)
                         continue
-                    _trace("handle %s@%d key %r gen %s/%s", _tp(msg.tp), msg.offset, msg.key,
-                           msg.generation_id, app.consumer_generation_id)
+                    if TRACE:
+                        _trace("handle %s@%d key %r gen %s/%s", _tp(msg.tp), msg.offset, msg.key,
+                               msg.generation_id, app.consumer_generation_id)
                     outs += await outputs_of(
                         msg, lambda: compute(LOGICAL[msg.topic], decode_key(msg.key), msg.value, msg), views, event)
                     fence.mark(msg, event)
