@@ -122,8 +122,10 @@ class _Consumer(AIOKafkaTransport.Consumer):
       only if the same jump is seen again from there HOLE_CONFIRMATIONS times in a
       row (a hole left by compaction or retention);
       an offset below the expected one is an old copy and is not handed over;
-    - a seek starts a new epoch: a record handed over earlier is `stale()`, and the
-      agents leave it to the copy read again from the seek position.
+    - while a seek is under way none of the partition's records is handed over
+      (those that arrived meanwhile are read again from the seek position), and
+      a record handed over before the seek is `stale()`: the agents leave it to
+      the copy read again.
     """
 
     def __init__(self, *args, **kwargs):

@@ -235,29 +235,14 @@ def test_records_fetched_before_a_seek_of_their_partition_are_not_handled(monkey
     # and its read position bookkeeping then skipped records for good.
     import asyncio
 
-    from faust.transport.drivers.aiokafka import Transport
-    from faust.types import TP, Message
+    from faust.types import TP
 
     from alarm_engine import agents
 
     topic = next(iter(agents.LOGICAL))
     tp0, tp1 = TP(topic, 0), TP(topic, 1)
     fetched = [(tp0, 10), (tp0, 11), (tp1, 20), (tp0, 12)]
-    seeks = []
-
-    async def getmany(self, timeout):
-        for tp, offset in fetched:
-            yield tp, Message(topic, tp.partition, offset, 0.0, 0, None, b"k", b"v", None, tp=tp)
-
-    async def seek(self, partition, offset):
-        seeks.append((partition.partition, offset))
-        self._read_offset[partition] = offset
-
-    monkeypatch.setattr(Transport.Consumer, "getmany", getmany)
-    monkeypatch.setattr(Transport.Consumer, "seek", seek)
-    consumer = agents.app.consumer
-    consumer._expect.clear()
-    consumer._probe.clear()
+    consumer, seeks = _faust_consumer(monkeypatch, lambda: fetched)
 
     async def drain():
         handed = []
@@ -279,25 +264,13 @@ def test_records_arriving_while_a_seek_is_under_way_are_read_again(monkeypatch):
     # They may be from after the seek, and then nothing would bring them back.
     import asyncio
 
-    from faust.transport.drivers.aiokafka import Transport
-    from faust.types import TP, Message
+    from faust.types import TP
 
     from alarm_engine import agents
 
     topic = next(iter(agents.LOGICAL))
     tp = TP(topic, 2)
-    seeks = []
-    consumer = agents.app.consumer
-
-    async def getmany(self, timeout):
-        yield tp, Message(topic, 2, 40, 0.0, 0, None, b"k", b"v", None, tp=tp)
-
-    async def seek(self, partition, offset):
-        seeks.append((partition.partition, offset))
-        self._read_offset[partition] = offset
-
-    monkeypatch.setattr(Transport.Consumer, "getmany", getmany)
-    monkeypatch.setattr(Transport.Consumer, "seek", seek)
+    consumer, seeks = _faust_consumer(monkeypatch, lambda: [(tp, 40)])
 
     async def run():
         consumer._seeking(tp)  # a seek to 40 under way
@@ -330,8 +303,7 @@ def test_a_partition_is_handed_over_without_holes_unless_the_log_has_them(monkey
     # same jump seen again from there is a hole in the log (compaction) and accepted.
     import asyncio
 
-    from faust.transport.drivers.aiokafka import Transport
-    from faust.types import TP, Message
+    from faust.types import TP
 
     from alarm_engine import agents
 
@@ -340,20 +312,13 @@ def test_a_partition_is_handed_over_without_holes_unless_the_log_has_them(monkey
     log_offsets = [5, 6, 9, 10]  # 7 and 8 compacted away
     # Faust lost 6; then the jump 7 -> 9 shows up again and again; then an old copy of 6
     fetches = [[5, 9], [6, 9], [9], [9], [9, 10, 6]]
-    seeks = []
 
-    async def getmany(self, timeout):
-        for offset in fetches.pop(0):
-            assert offset in log_offsets
-            yield tp, Message(topic, 0, offset, 0.0, 0, None, b"k", b"v", None, tp=tp)
+    def fetch():
+        offsets = fetches.pop(0)
+        assert all(o in log_offsets for o in offsets)
+        return [(tp, o) for o in offsets]
 
-    async def seek(self, partition, offset):
-        seeks.append((partition.partition, offset))
-        self._read_offset[partition] = offset
-
-    monkeypatch.setattr(Transport.Consumer, "getmany", getmany)
-    monkeypatch.setattr(Transport.Consumer, "seek", seek)
-    consumer = agents.app.consumer
+    consumer, seeks = _faust_consumer(monkeypatch, fetch)
     consumer._expect[tp] = 5
 
     async def drain():
@@ -365,3 +330,29 @@ def test_a_partition_is_handed_over_without_holes_unless_the_log_has_them(monkey
 
     assert asyncio.run(drain()) == [5, 6, 9, 10]
     assert seeks == [(0, 6), (0, 7), (0, 7), (0, 7)]
+
+
+def _faust_consumer(monkeypatch, fetch):
+    """The engine's consumer over a stand-in for Faust's: each getmany() hands over
+    the (tp, offset) pairs `fetch()` returns, and seeks are recorded, not made."""
+    from faust.transport.drivers.aiokafka import Transport
+    from faust.types import Message
+
+    from alarm_engine import agents
+
+    seeks = []
+
+    async def getmany(self, timeout):
+        for tp, offset in fetch():
+            yield tp, Message(tp.topic, tp.partition, offset, 0.0, 0, None, b"k", b"v", None, tp=tp)
+
+    async def seek(self, partition, offset):
+        seeks.append((partition.partition, offset))
+        self._read_offset[partition] = offset
+
+    monkeypatch.setattr(Transport.Consumer, "getmany", getmany)
+    monkeypatch.setattr(Transport.Consumer, "seek", seek)
+    consumer = agents.app.consumer
+    consumer._expect.clear()
+    consumer._probe.clear()
+    return consumer, seeks
