@@ -99,33 +99,32 @@ def _tp(tp) -> str:
     return f"{LOGICAL.get(tp.topic, tp.topic)}[{tp.partition}]"
 
 
-# A jump in offsets seen again this many times, each right after seeking back to
-# the missing record, is a hole in the log. Once is not enough: a fetch already on
-# its way can show the same jump again right after the seek.
-HOLE_CONFIRMATIONS = 3
 _SEEKING = object()
 
 
 class _Consumer(AIOKafkaTransport.Consumer):
     """Faust's consumer, made to hand each input partition over in offset order,
-    without holes.
+    and to commit only offsets below which every record was handled.
 
     Faust hands a fetched batch over record by record, awaiting each, and a seek
     in between (every rebalance ends with a seek to the committed offsets) does not
-    stop it; it also drops the rest of a fetched batch when a rebalance starts,
-    although the fetch position has moved past it. Records then arrived out of
-    order, or never, and Faust's offset bookkeeping counted the missing ones as
-    read (a "gap", committed as if handled): the SIGKILL soak, traced, showed all
-    of it. Here, for each input partition:
-    - the records handed over must follow each other from the seek position; a
-      jump makes the consumer seek back to the missing record, and is accepted
-      only if the same jump is seen again from there HOLE_CONFIRMATIONS times in a
-      row (a hole left by compaction or retention);
-      an offset below the expected one is an old copy and is not handed over;
-    - while a seek is under way none of the partition's records is handed over
-      (those that arrived meanwhile are read again from the seek position), and
-      a record handed over before the seek is `stale()`: the agents leave it to
-      the copy read again.
+    stop it; it also drops records on their way to the agents when a rebalance
+    starts, although the fetch position has moved past them, and its commit
+    passes over one missing record at the committed offset. Records then arrived
+    out of order, or never, and were committed as if handled: the SIGKILL soak,
+    traced, showed all of it. Here, for each input partition:
+    - while a seek is under way none of its records is handed over (those that
+      arrived meanwhile are read again from the seek position), and a record
+      handed over before the seek is `stale()`: the agents leave it to the copy
+      read again; an offset below the next expected one is an old copy and is not
+      handed over;
+    - a jump in offsets within records fetched from the expected position is a
+      hole in the log (compaction, retention) and is kept; the agents check that
+      the records they apply follow each other (their fence knows the last one
+      applied) and call `missing()` on a jump: unless it is such a hole, it seeks
+      back to the first missing record;
+    - an offset is committed only when every record below it was acknowledged
+      or is in such a hole (`_new_offset`).
     """
 
     def __init__(self, *args, **kwargs):
@@ -133,7 +132,7 @@ class _Consumer(AIOKafkaTransport.Consumer):
         self._epoch: collections.defaultdict = collections.defaultdict(int)  # tp -> seeks so far
         self._handed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # message -> epoch
         self._expect: dict = {}  # tp -> offset of the next record to hand over (None: any)
-        self._probe: dict = {}  # tp -> ((expected, seen), times): the jump seeks back are checking
+        self._holes: collections.defaultdict = collections.defaultdict(dict)  # tp -> {first: end}: not in the log
         self._seek_read: dict = {}  # tp -> (epoch, Faust's read position) after its last seek
         self._dropped: set = set()  # partitions whose records arrived while a seek was under way
 
@@ -196,30 +195,39 @@ class _Consumer(AIOKafkaTransport.Consumer):
                 self._expect[partition] = None
 
     async def getmany(self, timeout: float):
+        epochs = dict(self._epoch)  # before the fetch: a record of a partition sought since may be from before
+        reread = set()
         async for tp, message in super().getmany(timeout):
             if tp.topic not in LOGICAL:
                 yield tp, message
                 continue
             expected, offset = self._expect.get(tp), message.offset
             if expected is _SEEKING:
+                if TRACE:
+                    _trace("during seek %s@%d", _tp(tp), offset)
                 self._dropped.add(tp)
+                continue
+            if self._epoch[tp] != epochs.get(tp, 0):
+                # Fetched before the last seek of its partition, or just after it:
+                # not handed over, and read again from the seek position.
+                if TRACE:
+                    _trace("fetched across a seek %s@%d", _tp(tp), offset)
+                if tp not in reread and expected is not None:
+                    reread.add(tp)
+                    try:
+                        await super().seek(tp, expected)
+                    except Exception as e:  # not assigned any more: the rebalance seeks
+                        _trace("seek %s failed: %r", _tp(tp), e)
                 continue
             if expected is not None and offset != expected:
                 if offset < expected:
-                    continue  # an old copy
-                seen, times = self._probe.get(tp, ((None, None), 0))
-                times = times + 1 if seen == (expected, offset) else 1
-                if times <= HOLE_CONFIRMATIONS:
-                    _trace("jump %s %d -> %d: seeking back (%d)", _tp(tp), expected, offset, times)
-                    self._probe[tp] = ((expected, offset), times)
-                    try:
-                        await self.seek(tp, expected)
-                    except Exception as e:  # not assigned any more: the rebalance seeks
-                        _trace("seek %s failed: %r", _tp(tp), e)
+                    if TRACE:
+                        _trace("old copy %s@%d (expected %d)", _tp(tp), offset, expected)
                     continue
-                log.warning("%s: records %d..%d are not in the log (compaction or retention)",
-                            _tp(tp), expected, offset - 1)
-            self._probe.pop(tp, None)
+                # Fetched from `expected` on (the seek and epoch checks above see to
+                # it), so Kafka has nothing in between.
+                _trace("hole %s %d..%d", _tp(tp), expected, offset - 1)
+                self._holes[tp][expected] = offset
             self._expect[tp] = offset + 1
             epoch = self._handed[message] = self._epoch[tp]
             yield tp, message
@@ -228,6 +236,28 @@ class _Consumer(AIOKafkaTransport.Consumer):
                 # A seek finished while this record was handed over, and Faust then
                 # set the read position to this record: put the seek's back.
                 self._read_offset[tp] = read
+
+    def first_offset(self, tp) -> int:
+        """The committed offset of `tp`: the first record not known to be handled."""
+        return self._committed_offset[tp] or 0
+
+    async def missing(self, tp, expected: int, offset: int) -> bool:
+        """An agent got `offset` where `expected` was next. Either the log has no
+        records in between (a fetch from there showed it): True. Or they were lost
+        on their way to the agent: seek back to them, and False (the agent leaves
+        the record to the copy read again)."""
+        holes = self._holes.get(tp) or {}
+        position = expected
+        while position < offset and position in holes:
+            position = holes[position]
+        if position >= offset:
+            return True
+        _trace("jump %s %d -> %d: seeking back to %d", _tp(tp), expected, offset, position)
+        try:
+            await self.seek(tp, position)
+        except Exception as e:  # not assigned any more: the rebalance seeks
+            _trace("seek %s failed: %r", _tp(tp), e)
+        return False
 
     def ack(self, message) -> bool:
         # Faust also acknowledges records that no agent handled: those it skips
@@ -242,9 +272,39 @@ class _Consumer(AIOKafkaTransport.Consumer):
             return False
         return super().ack(message)
 
+    def _new_offset(self, tp):
+        # Faust's version commits over a missing record at the committed offset
+        # (it lets the acknowledged offsets start one past it), and over the offsets
+        # its read position skipped (its "gaps"), handled or not. Here the offset
+        # moves only over acknowledged records and holes in the log.
+        if tp.topic not in LOGICAL:
+            return super()._new_offset(tp)
+        acked = self._acked[tp]
+        start = position = self.first_offset(tp)
+        holes = self._holes.get(tp)
+        acked.sort()
+        i = 0
+        while True:
+            while i < len(acked) and acked[i] < position:
+                i += 1
+            if i < len(acked) and acked[i] == position:
+                position += 1
+                i += 1
+            elif holes and position in holes:
+                position = holes.pop(position)
+            else:
+                break
+        if holes:
+            for first in [first for first in holes if first < position]:
+                del holes[first]
+        self._acked_index[tp].difference_update(acked[:i])
+        del acked[:i]
+        return position if position > start else None
+
     async def _add_gap(self, tp, offset_from: int, offset_to: int) -> None:
-        _trace("gap %s %d..%d", _tp(tp), offset_from, offset_to)
-        await super()._add_gap(tp, offset_from, offset_to)
+        # Input partitions: holes are confirmed by missing(), not guessed from reads.
+        if tp.topic not in LOGICAL:
+            await super()._add_gap(tp, offset_from, offset_to)
 
     async def _commit(self, offsets) -> bool:
         ok = await super()._commit(offsets)
@@ -466,6 +526,8 @@ class _StrKeyed:
 # SIGKILL soak caught one applied after a newer record of the same partition,
 # undoing it for good). Such a record is acknowledged and not applied again: an
 # alarm's state only moves forward, and a replay does not make alarms flap.
+# A record above the next offset means records were lost on their way to the agent
+# (or the log has a hole): the consumer's missing() decides.
 # The entries are written after the batch's state has been acknowledged, so a
 # fence is never ahead of the state it vouches for.
 FENCE_PREFIX = b"\x00applied:"
@@ -479,9 +541,11 @@ class Fence:
     def _key(partition: int) -> str:
         return (FENCE_PREFIX + str(partition).encode()).decode()
 
-    def applied(self, msg) -> bool:
-        marks = self.view.get(self._key(msg.partition)) or {}
-        return msg.offset <= marks.get(msg.topic, -1)
+    def next_offset(self, msg):
+        """The offset of the record after the last one applied from `msg`'s
+        partition, or None when none has been."""
+        last = (self.view.get(self._key(msg.partition)) or {}).get(msg.topic)
+        return None if last is None else last + 1
 
     def mark(self, msg, event) -> None:
         key = self._key(msg.partition)
@@ -645,6 +709,7 @@ async def handle_batches(stream, compute, views) -> None:
     nothing, and its records are read again from the committed offsets. (Faust's
     take_events() would acknowledge the whole batch on the way out.)"""
     fence = Fence(views[0])
+    consumer = app.consumer
     async for events in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
         outs: list[Out] = []
         done = []  # the events to acknowledge: all but the stale ones
@@ -654,17 +719,25 @@ async def handle_batches(stream, compute, views) -> None:
                 # In a batch no event is in progress, and Faust's store would read
                 # keys from whichever local partition has them.
                 with in_progress(event):
-                    if app.consumer.stale(msg):
+                    if consumer.stale(msg):
                         # Read again from the seek position: not handled, not acknowledged.
                         if TRACE:
                             _trace("stale %s@%d key %r", _tp(msg.tp), msg.offset, msg.key)
-                        app.consumer._unacked_messages.discard(msg)  # rebalances need not wait for it
+                        consumer._unacked_messages.discard(msg)  # rebalances need not wait for it
                         continue
-                    done.append(event)
-                    if fence.applied(msg):
+                    expected = fence.next_offset(msg)
+                    if expected is None:  # nothing applied from this partition yet
+                        expected = consumer.first_offset(msg.tp)
+                    if msg.offset < expected:
                         if TRACE:
                             _trace("applied already %s@%d key %r", _tp(msg.tp), msg.offset, msg.key)
+                        done.append(event)
                         continue
+                    if msg.offset > expected and not await consumer.missing(msg.tp, expected, msg.offset):
+                        # Sought back to the missing record: this one is read again after it.
+                        consumer._unacked_messages.discard(msg)
+                        continue
+                    done.append(event)
                     if TRACE:
                         _trace("handle %s@%d key %r gen %s/%s", _tp(msg.tp), msg.offset, msg.key,
                                msg.generation_id, app.consumer_generation_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,7 +63,8 @@ class Worker:
         return self.data_dir.parent / f"{self.name}.log"
 
     def _pump(self, proc):
-        with open(self.log_path, "a") as log:
+        # Line-buffered: the test reads the traces while the worker runs.
+        with open(self.log_path, "a", buffering=1) as log:
             log.write(f"--- started pid {proc.pid} at {time.strftime('%H:%M:%S')}\n")
             for line in proc.stdout:
                 log.write(line)
@@ -383,16 +385,17 @@ ENGINE_INPUTS = ("monitored-pvs", "pv-state", "alarm-deps", "alarms", "shelved-a
                  "alarm-activations", "alarm-inputs")
 
 
-def group_lag(settings: Settings) -> int:
-    """Records of the engine's input topics not yet committed by its consumer group
-    (the app id, as agents._app_id makes it)."""
+def _input_offsets(settings: Settings) -> tuple[dict, dict]:
+    """(committed offset, end offset) of every partition of the engine's input topics,
+    by "<logical topic>[<partition>]"; committed is 0 where the group has none."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 
     prefix = settings.topic_prefix.strip(".-_")
     group = f"{settings.app_id}-{prefix}" if prefix else settings.app_id
+    names = {settings.topic(t): t for t in ENGINE_INPUTS}
 
-    async def lag():
+    async def offsets():
         admin = AIOKafkaAdminClient(**settings.kafka_kwargs())
         consumer = AIOKafkaConsumer(**settings.kafka_kwargs(), group_id=None, enable_auto_commit=False)
         await admin.start()
@@ -401,12 +404,41 @@ def group_lag(settings: Settings) -> int:
             committed = await admin.list_consumer_group_offsets(group)
             tps = [TopicPartition(settings.topic(t), p) for t in ENGINE_INPUTS for p in range(settings.partitions)]
             ends = await consumer.end_offsets(tps)
-            return sum(max(0, end - (committed[tp].offset if tp in committed else 0)) for tp, end in ends.items())
+            name = lambda tp: f"{names[tp.topic]}[{tp.partition}]"  # noqa: E731
+            return ({name(tp): committed[tp].offset if tp in committed else 0 for tp in tps},
+                    {name(tp): end for tp, end in ends.items()})
         finally:
             await consumer.stop()
             await admin.close()
 
-    return asyncio.run(asyncio.wait_for(lag(), 30))
+    return asyncio.run(asyncio.wait_for(offsets(), 30))
+
+
+def group_lag(settings: Settings) -> int:
+    """Records of the engine's input topics not yet committed by its consumer group
+    (the app id, as agents._app_id makes it)."""
+    committed, ends = _input_offsets(settings)
+    return sum(max(0, end - committed[tp]) for tp, end in ends.items())
+
+
+_HANDLED = re.compile(r"trace: (?:handle|applied already) (\S+)@(\d+) ")
+
+
+def never_handled(settings: Settings, log_paths: list[Path]) -> dict[str, list[int]]:
+    """Offsets of input records that no worker handled, by partition, from the
+    workers' traces (ALARM_ENGINE_TRACE): a record is handled when an agent applied
+    it or found it applied already (its fence). The topics are not compacted during
+    a test, so every offset below the end must be there."""
+    handled = collections.defaultdict(set)
+    for path in log_paths:
+        with open(path, errors="replace") as log:
+            for line in log:
+                m = _HANDLED.search(line)
+                if m:
+                    handled[m.group(1)].add(int(m.group(2)))
+    _, ends = _input_offsets(settings)
+    missing = {tp: [o for o in range(end) if o not in handled[tp]] for tp, end in ends.items()}
+    return {tp: offsets for tp, offsets in missing.items() if offsets}
 
 
 def wait_caught_up(settings: Settings, timeout: float) -> float:
