@@ -31,7 +31,7 @@ from faust.streams import _current_event
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 
-from alarm_engine import records
+from alarm_engine import log_probe, records
 from alarm_engine.codec import BadRecord, RegistryUnavailable, decode_key
 from alarm_engine.config import Settings
 from alarm_engine.engine import AlarmProcessor, Out, Router, dead_letter
@@ -118,11 +118,10 @@ class _Consumer(AIOKafkaTransport.Consumer):
       handed over before the seek is `stale()`: the agents leave it to the copy
       read again; an offset below the next expected one is an old copy and is not
       handed over;
-    - a jump in offsets within records fetched from the expected position is a
-      hole in the log (compaction, retention) and is kept; the agents check that
-      the records they apply follow each other (their fence knows the last one
-      applied) and call `missing()` on a jump: unless it is such a hole, it seeks
-      back to the first missing record;
+    - the agents check that the records they apply follow each other (their
+      fence knows the last one applied) and call `missing()` on a jump: unless
+      Kafka, asked directly, has no records there (compaction, retention), it
+      seeks back to the first missing record;
     - an offset is committed only when every record below it was acknowledged
       or is in such a hole (`_new_offset`).
     """
@@ -133,6 +132,7 @@ class _Consumer(AIOKafkaTransport.Consumer):
         self._handed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # message -> epoch
         self._expect: dict = {}  # tp -> offset of the next record to hand over (None: any)
         self._holes: collections.defaultdict = collections.defaultdict(dict)  # tp -> {first: end}: not in the log
+        self._probe: log_probe.LogProbe | None = None  # reads offsets straight from Kafka (missing())
         self._seek_read: dict = {}  # tp -> (epoch, Faust's read position) after its last seek
         self._dropped: set = set()  # partitions whose records arrived while a seek was under way
 
@@ -219,15 +219,10 @@ class _Consumer(AIOKafkaTransport.Consumer):
                     except Exception as e:  # not assigned any more: the rebalance seeks
                         _trace("seek %s failed: %r", _tp(tp), e)
                 continue
-            if expected is not None and offset != expected:
-                if offset < expected:
-                    if TRACE:
-                        _trace("old copy %s@%d (expected %d)", _tp(tp), offset, expected)
-                    continue
-                # Fetched from `expected` on (the seek and epoch checks above see to
-                # it), so Kafka has nothing in between.
-                _trace("hole %s %d..%d", _tp(tp), expected, offset - 1)
-                self._holes[tp][expected] = offset
+            if expected is not None and offset < expected:
+                if TRACE:
+                    _trace("old copy %s@%d (expected %d)", _tp(tp), offset, expected)
+                continue
             self._expect[tp] = offset + 1
             epoch = self._handed[message] = self._epoch[tp]
             yield tp, message
@@ -243,14 +238,21 @@ class _Consumer(AIOKafkaTransport.Consumer):
 
     async def missing(self, tp, expected: int, offset: int) -> bool:
         """An agent got `offset` where `expected` was next. Either the log has no
-        records in between (a fetch from there showed it): True. Or they were lost
+        records in between (Kafka, asked directly, says so): True. Or they were lost
         on their way to the agent: seek back to them, and False (the agent leaves
         the record to the copy read again)."""
-        holes = self._holes.get(tp) or {}
-        position = expected
-        while position < offset and position in holes:
-            position = holes[position]
+        position = self._past_holes(tp, expected)
+        if position < offset:
+            try:
+                present = await self._log().offsets(tp.topic, tp.partition, position, offset)
+            except Exception as e:
+                log.warning("%s: could not read offsets %d..%d from Kafka to check them (%s: %s); "
+                            "reading them again", _tp(tp), position, offset - 1, e.__class__.__name__, e)
+            else:
+                self._holes[tp].update(log_probe.holes(position, present))
+                position = self._past_holes(tp, position)
         if position >= offset:
+            _trace("hole %s %d..%d", _tp(tp), expected, offset - 1)
             return True
         _trace("jump %s %d -> %d: seeking back to %d", _tp(tp), expected, offset, position)
         try:
@@ -258,6 +260,22 @@ class _Consumer(AIOKafkaTransport.Consumer):
         except Exception as e:  # not assigned any more: the rebalance seeks
             _trace("seek %s failed: %r", _tp(tp), e)
         return False
+
+    def _past_holes(self, tp, position: int) -> int:
+        holes = self._holes.get(tp)
+        while holes and position in holes:
+            position = holes[position]
+        return position
+
+    def _log(self) -> log_probe.LogProbe:
+        if self._probe is None:
+            self._probe = log_probe.LogProbe(settings.kafka_kwargs())
+        return self._probe
+
+    async def on_stop(self) -> None:
+        await super().on_stop()
+        if self._probe is not None:
+            await self._probe.close()
 
     def ack(self, message) -> bool:
         # Faust also acknowledges records that no agent handled: those it skips

@@ -307,43 +307,37 @@ def test_a_stale_record_is_neither_handled_nor_acknowledged():
     assert applied == [31] and stream.acked == [(2, 31)]
 
 
-def test_a_jump_within_a_fetch_from_the_expected_offset_is_a_hole_in_the_log(monkeypatch):
-    import asyncio
+def test_holes_are_the_offset_ranges_kafka_does_not_have():
+    from alarm_engine.log_probe import holes
 
-    from faust.types import TP
-
-    from alarm_engine import agents
-
-    tp = TP(next(iter(agents.LOGICAL)), 0)
-    consumer, seeks = _faust_consumer(monkeypatch, lambda: [(tp, 5), (tp, 9), (tp, 10), (tp, 14)])
-    consumer._expect[tp] = 4
-
-    async def drain():
-        return [m.offset async for _, m in consumer.getmany(timeout=0)]
-
-    assert asyncio.run(drain()) == [5, 9, 10, 14]
-    assert consumer._holes[tp] == {4: 5, 6: 9, 11: 14} and seeks == []
+    assert holes(4, [5, 9, 10, 14]) == {4: 5, 6: 9, 11: 14}
+    assert holes(5, [5, 6, 7]) == {} and holes(3, []) == {}
 
 
 def test_records_lost_on_their_way_to_the_agent_are_read_again_holes_are_passed(monkeypatch):
     # Faust drops records between the consumer and the agents around rebalances:
-    # a jump the log does not have makes the consumer seek back to the first
-    # missing record; a hole in the log is passed, and the commit moves over it.
+    # a jump makes the consumer ask Kafka; records it has are read again from the
+    # first missing one; a hole in the log is passed, and the commit moves over it.
     import asyncio
 
     from alarm_engine import agents
 
     consumer, seeks = _faust_consumer(monkeypatch, lambda: [])
-    # 6 lost on its way, read again after the seek back; 7 and 8 are not in the
-    # log, which the fetch from 7 after the second seek shows.
-    batches = [[_Event(0, 5), _Event(0, 9)], [_Event(0, 6), _Event(0, 9)], [_Event(0, 9), _Event(0, 10)]]
+    probes = []
+
+    class Log:  # offsets 7 and 8 compacted away
+        async def offsets(self, topic, partition, start, stop):
+            probes.append((start, stop))
+            return [o for o in (5, 6, 9, 10, 12) if o >= start]
+
+    consumer._probe = Log()
+    # 6 lost on its way, read again after the seek back; then 7 and 8 are a hole.
+    batches = [[_Event(0, 5), _Event(0, 9)], [_Event(0, 6), _Event(0, 9), _Event(0, 10), _Event(0, 12)]]
     tp = batches[0][0].message.tp
 
     class Fresh(_Stream):  # each batch is read after the seek the one before made
         async def noack_take(self, max_, within):
             for batch in self.batches:
-                if seeks == [(0, 6), (0, 7)]:
-                    consumer._holes[tp][7] = 9
                 for event in batch:
                     consumer._handed[event.message] = consumer._epoch[tp]
                 yield batch
@@ -356,12 +350,30 @@ def test_records_lost_on_their_way_to_the_agent_are_read_again_holes_are_passed(
         return []
 
     asyncio.run(agents.handle_batches(stream, compute, (agents._StrKeyed({}),)))
-    assert applied == [5, 6, 9, 10]
-    assert seeks == [(0, 6), (0, 7)]
-    assert stream.acked == [(0, 5), (0, 6), (0, 9), (0, 10)]
+    assert applied == [5, 6, 9, 10, 12]
+    assert seeks == [(0, 6)] and probes == [(6, 9)]  # the first probe told about 7..8 and 11 too
+    assert consumer._holes[tp] == {7: 9, 11: 12}
+    assert stream.acked == [(0, 5), (0, 6), (0, 9), (0, 10), (0, 12)]
     for _, offset in stream.acked:
         consumer._acked[tp].append(offset)
-    assert consumer._new_offset(tp) == 11
+    assert consumer._new_offset(tp) == 13
+
+
+def test_a_jump_kafka_cannot_be_asked_about_is_read_again(monkeypatch):
+    import asyncio
+
+    from alarm_engine import agents
+
+    consumer, seeks = _faust_consumer(monkeypatch, lambda: [])
+
+    class Down:
+        async def offsets(self, topic, partition, start, stop):
+            raise ConnectionError("broker down")
+
+    consumer._probe = Down()
+    event = _Event(1, 30)
+    assert asyncio.run(consumer.missing(event.message.tp, 20, 30)) is False
+    assert seeks == [(1, 20)] and not consumer._holes[event.message.tp]
 
 
 def test_an_offset_is_committed_only_over_handled_records_and_holes_in_the_log():
@@ -407,4 +419,5 @@ def _faust_consumer(monkeypatch, fetch):
     consumer = agents.app.consumer
     for state in (consumer._expect, consumer._holes, consumer._acked):
         state.clear()
+    consumer._probe = None
     return consumer, seeks
