@@ -133,6 +133,7 @@ class _Consumer(AIOKafkaTransport.Consumer):
         self._expect: dict = {}  # tp -> offset of the next record to hand over (None: any)
         self._holes: collections.defaultdict = collections.defaultdict(dict)  # tp -> {first: end}: not in the log
         self._probe: log_probe.LogProbe | None = None  # reads offsets straight from Kafka (missing())
+        self._stalled: dict = {}  # tp -> (committed, expected) at the last reread_stalled()
         self._seek_read: dict = {}  # tp -> (epoch, Faust's read position) after its last seek
         self._dropped: set = set()  # partitions whose records arrived while a seek was under way
 
@@ -260,6 +261,34 @@ class _Consumer(AIOKafkaTransport.Consumer):
         except Exception as e:  # not assigned any more: the rebalance seeks
             _trace("seek %s failed: %r", _tp(tp), e)
         return False
+
+    async def reread_stalled(self) -> None:
+        """Called every STALL_CHECK_S. Records handed over and then lost on their way
+        (see missing()) show as a jump only when a later record of the partition
+        reaches the agent; if none comes, the commit waits before them for good (a
+        quiet partition could keep an alarm's last change from being applied). A
+        partition whose records were handed over past its committed offset, with no
+        commit, no new record, and nothing in hand or acknowledged since the last
+        check, is read again from its committed offset (records applied already
+        are passed over by the fences)."""
+        in_hand = {m.tp for m in list(self._unacked_messages)}
+        for tp in self.assignment():
+            if tp.topic not in LOGICAL:
+                continue
+            expected, start = self._expect.get(tp), self.first_offset(tp)
+            if not isinstance(expected, int) or expected <= start or tp in in_hand or self._acked[tp]:
+                self._stalled.pop(tp, None)
+                continue
+            if self._stalled.get(tp) != (start, expected):
+                self._stalled[tp] = (start, expected)
+                continue
+            del self._stalled[tp]
+            log.info("%s: records %d..%d were handed over but not handled; reading them again",
+                     _tp(tp), start, expected - 1)
+            try:
+                await self.seek(tp, start)
+            except Exception as e:  # not assigned any more: the rebalance seeks
+                _trace("seek %s failed: %r", _tp(tp), e)
 
     def _past_holes(self, tp, position: int) -> int:
         holes = self._holes.get(tp)
@@ -896,6 +925,16 @@ async def _expire_shelving() -> None:
     """Ticks through alarm-inputs, so expiry is ordered with the alarm's other events."""
     if _processor is not None and _processor.deadlines:
         await send_all(_processor.due(now_ms()))
+
+
+# Often enough that a record lost on its way to an agent in a quiet partition is
+# applied within seconds; rarely enough that a commit (every few seconds) shows progress.
+STALL_CHECK_S = 5.0
+
+
+@app.timer(interval=STALL_CHECK_S)
+async def _reread_stalled() -> None:
+    await app.consumer.reread_stalled()
 
 
 @app.on_partitions_revoked.connect

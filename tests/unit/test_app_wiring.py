@@ -376,6 +376,38 @@ def test_a_jump_kafka_cannot_be_asked_about_is_read_again(monkeypatch):
     assert seeks == [(1, 20)] and not consumer._holes[event.message.tp]
 
 
+def test_records_lost_on_their_way_in_a_quiet_partition_are_read_again(monkeypatch):
+    # No later record comes to show the jump: the commit would wait before them for good.
+    import asyncio
+
+    from faust.types import TP
+
+    from alarm_engine import agents
+
+    consumer, seeks = _faust_consumer(monkeypatch, lambda: [])
+    tp = TP(next(iter(agents.LOGICAL)), 1)
+    monkeypatch.setattr(type(consumer), "assignment", lambda self: {tp, TP("other", 1)})
+    consumer._committed_offset[tp], consumer._expect[tp] = 40, 43  # 40..42 handed over
+
+    def check():
+        asyncio.run(consumer.reread_stalled())
+        return list(seeks)
+
+    assert check() == []  # first look
+    consumer._expect[tp] = 44  # a new record handed over since: not stalled
+    assert check() == []
+    in_hand = _Message(1, 43)
+    consumer._unacked_messages.add(in_hand)  # in an agent's hands
+    assert check() == [] and check() == []
+    consumer._unacked_messages.discard(in_hand)
+    consumer._acked[tp].append(43)  # acknowledged, commit to come
+    assert check() == [] and check() == []
+    consumer._acked[tp].clear()
+    assert check() == []
+    assert check() == [(1, 40)]  # the same for a whole interval: read again
+    assert consumer._expect[tp] == 40
+
+
 def test_an_offset_is_committed_only_over_handled_records_and_holes_in_the_log():
     # Faust's own rule let the acknowledged offsets start one past the committed
     # offset: a record lost there was committed as if handled.
@@ -417,7 +449,8 @@ def _faust_consumer(monkeypatch, fetch):
     monkeypatch.setattr(Transport.Consumer, "getmany", getmany)
     monkeypatch.setattr(Transport.Consumer, "seek", seek)
     consumer = agents.app.consumer
-    for state in (consumer._expect, consumer._holes, consumer._acked):
+    for state in (consumer._expect, consumer._holes, consumer._acked, consumer._stalled,
+                  consumer._unacked_messages, consumer._committed_offset):
         state.clear()
     consumer._probe = None
     return consumer, seeks
