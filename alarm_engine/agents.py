@@ -271,6 +271,10 @@ class _Consumer(AIOKafkaTransport.Consumer):
         commit, no new record, and nothing in hand or acknowledged since the last
         check, is read again from its committed offset (records applied already
         are passed over by the fences)."""
+        if self.app.rebalancing:
+            # Until the rebalance's seek, the committed offsets are not known yet.
+            self._stalled.clear()
+            return
         in_hand = {m.tp for m in list(self._unacked_messages)}
         for tp in self.assignment():
             if tp.topic not in LOGICAL:
