@@ -235,7 +235,7 @@ class _Consumer(AIOKafkaTransport.Consumer):
 
     def first_offset(self, tp) -> int:
         """The committed offset of `tp`: the first record not known to be handled."""
-        return self._committed_offset[tp] or 0
+        return self._committed_offset.get(tp) or 0
 
     async def missing(self, tp, expected: int, offset: int) -> bool:
         """An agent got `offset` where `expected` was next. Either the log has no

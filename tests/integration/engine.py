@@ -385,31 +385,38 @@ ENGINE_INPUTS = ("monitored-pvs", "pv-state", "alarm-deps", "alarms", "shelved-a
                  "alarm-activations", "alarm-inputs")
 
 
-def _input_offsets(settings: Settings) -> tuple[dict, dict]:
+def input_offsets(settings: Settings, committed: bool = True) -> tuple[dict, dict]:
     """(committed offset, end offset) of every partition of the engine's input topics,
-    by "<logical topic>[<partition>]"; committed is 0 where the group has none."""
+    by "<logical topic>[<partition>]"; committed is 0 where the group has none, and
+    not asked for (empty) with committed=False."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 
     prefix = settings.topic_prefix.strip(".-_")
     group = f"{settings.app_id}-{prefix}" if prefix else settings.app_id
     names = {settings.topic(t): t for t in ENGINE_INPUTS}
+    tps = [TopicPartition(settings.topic(t), p) for t in ENGINE_INPUTS for p in range(settings.partitions)]
+
+    def name(tp) -> str:
+        return f"{names[tp.topic]}[{tp.partition}]"
+
+    async def group_offsets() -> dict:
+        admin = AIOKafkaAdminClient(**settings.kafka_kwargs())
+        await admin.start()
+        try:
+            done = await admin.list_consumer_group_offsets(group)
+            return {name(tp): done[tp].offset if tp in done else 0 for tp in tps}
+        finally:
+            await admin.close()
 
     async def offsets():
-        admin = AIOKafkaAdminClient(**settings.kafka_kwargs())
         consumer = AIOKafkaConsumer(**settings.kafka_kwargs(), group_id=None, enable_auto_commit=False)
-        await admin.start()
         await consumer.start()
         try:
-            committed = await admin.list_consumer_group_offsets(group)
-            tps = [TopicPartition(settings.topic(t), p) for t in ENGINE_INPUTS for p in range(settings.partitions)]
             ends = await consumer.end_offsets(tps)
-            name = lambda tp: f"{names[tp.topic]}[{tp.partition}]"  # noqa: E731
-            return ({name(tp): committed[tp].offset if tp in committed else 0 for tp in tps},
-                    {name(tp): end for tp, end in ends.items()})
         finally:
             await consumer.stop()
-            await admin.close()
+        return (await group_offsets() if committed else {}), {name(tp): end for tp, end in ends.items()}
 
     return asyncio.run(asyncio.wait_for(offsets(), 30))
 
@@ -417,7 +424,7 @@ def _input_offsets(settings: Settings) -> tuple[dict, dict]:
 def group_lag(settings: Settings) -> int:
     """Records of the engine's input topics not yet committed by its consumer group
     (the app id, as agents._app_id makes it)."""
-    committed, ends = _input_offsets(settings)
+    committed, ends = input_offsets(settings)
     return sum(max(0, end - committed[tp]) for tp, end in ends.items())
 
 
@@ -436,7 +443,7 @@ def never_handled(settings: Settings, log_paths: list[Path]) -> dict[str, list[i
                 m = _HANDLED.search(line)
                 if m:
                     handled[m.group(1)].add(int(m.group(2)))
-    _, ends = _input_offsets(settings)
+    _, ends = input_offsets(settings, committed=False)
     missing = {tp: [o for o in range(end) if o not in handled[tp]] for tp, end in ends.items()}
     return {tp: offsets for tp, offsets in missing.items() if offsets}
 
