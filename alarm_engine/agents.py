@@ -85,7 +85,7 @@ class _ConsumerThread(AIOKafkaConsumerThread):
 _acking_handled = False
 
 # ALARM_ENGINE_TRACE=1 logs every input record handled, and the consumer's seeks,
-# gaps, refused acknowledgements and commits: what it takes to follow a record
+# jumps, holes, dropped copies, refused acknowledgements and commits: what it takes to follow a record
 # through rebalances and restarts (the crash tests turn it on).
 TRACE = os.environ.get("ALARM_ENGINE_TRACE", "") in ("1", "true", "yes")
 
@@ -215,10 +215,7 @@ class _Consumer(AIOKafkaTransport.Consumer):
                     _trace("fetched across a seek %s@%d", _tp(tp), offset)
                 if tp not in reread and expected is not None:
                     reread.add(tp)
-                    try:
-                        await super().seek(tp, expected)
-                    except Exception as e:  # not assigned any more: the rebalance seeks
-                        _trace("seek %s failed: %r", _tp(tp), e)
+                    await self._seek_back(tp, expected, same_epoch=True)
                 continue
             if expected is not None and offset < expected:
                 if TRACE:
@@ -256,10 +253,7 @@ class _Consumer(AIOKafkaTransport.Consumer):
             _trace("hole %s %d..%d", _tp(tp), expected, offset - 1)
             return True
         _trace("jump %s %d -> %d: seeking back to %d", _tp(tp), expected, offset, position)
-        try:
-            await self.seek(tp, position)
-        except Exception as e:  # not assigned any more: the rebalance seeks
-            _trace("seek %s failed: %r", _tp(tp), e)
+        await self._seek_back(tp, position)
         return False
 
     async def reread_stalled(self) -> None:
@@ -280,7 +274,7 @@ class _Consumer(AIOKafkaTransport.Consumer):
             if tp.topic not in LOGICAL:
                 continue
             expected, start = self._expect.get(tp), self.first_offset(tp)
-            if not isinstance(expected, int) or expected <= start or tp in in_hand or self._acked[tp]:
+            if not isinstance(expected, int) or expected <= start or tp in in_hand or self._acked.get(tp):
                 self._stalled.pop(tp, None)
                 continue
             if self._stalled.get(tp) != (start, expected):
@@ -289,10 +283,19 @@ class _Consumer(AIOKafkaTransport.Consumer):
             del self._stalled[tp]
             log.info("%s: records %d..%d were handed over but not handled; reading them again",
                      _tp(tp), start, expected - 1)
-            try:
-                await self.seek(tp, start)
-            except Exception as e:  # not assigned any more: the rebalance seeks
-                _trace("seek %s failed: %r", _tp(tp), e)
+            await self._seek_back(tp, start)
+
+    async def _seek_back(self, tp, position: int, same_epoch: bool = False) -> None:
+        """Read `tp` again from `position`; with same_epoch, records handed over
+        already stay valid (none of the partition's was handed over since its seek)."""
+        try:
+            await (super().seek if same_epoch else self.seek)(tp, position)
+        except Exception as e:  # not assigned any more: the rebalance seeks
+            _trace("seek %s failed: %r", _tp(tp), e)
+
+    def leave(self, message) -> None:
+        """An agent leaves `message` to a copy read again: rebalances need not wait for it."""
+        self._unacked_messages.discard(message)
 
     def _past_holes(self, tp, position: int) -> int:
         holes = self._holes.get(tp)
@@ -763,7 +766,7 @@ async def handle_batches(stream, compute, views) -> None:
     consumer = app.consumer
     async for events in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
         outs: list[Out] = []
-        done = []  # the events to acknowledge: all but the stale ones
+        done = []  # the events to acknowledge: all but those left to a copy read again
         try:
             for event in events:
                 msg = event.message
@@ -774,7 +777,7 @@ async def handle_batches(stream, compute, views) -> None:
                         # Read again from the seek position: not handled, not acknowledged.
                         if TRACE:
                             _trace("stale %s@%d key %r", _tp(msg.tp), msg.offset, msg.key)
-                        consumer._unacked_messages.discard(msg)  # rebalances need not wait for it
+                        consumer.leave(msg)
                         continue
                     expected = fence.next_offset(msg)
                     if expected is None:  # nothing applied from this partition yet
@@ -786,7 +789,7 @@ async def handle_batches(stream, compute, views) -> None:
                         continue
                     if msg.offset > expected and not await consumer.missing(msg.tp, expected, msg.offset):
                         # Sought back to the missing record: this one is read again after it.
-                        consumer._unacked_messages.discard(msg)
+                        consumer.leave(msg)
                         continue
                     done.append(event)
                     if TRACE:
