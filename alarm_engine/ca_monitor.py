@@ -3,14 +3,26 @@
 This is the I/O half of the bridge and knows nothing about Kafka.  A
 `CAMonitor` owns one pyepics `PV` per subscribed name and turns every monitor
 event, connection loss and "never connected" timeout into a `PVState` that is
-handed to `on_state(pv_name, state)`.
+handed to `on_state(pv_name, state)`, or, with `on_states` given, to
+`on_states([(pv_name, state), ...])` a batch at a time.
 
 Threads: pyepics (preemptive libca) calls back on libca's own threads.  With
-an event loop given, every state is handed over with
-`loop.call_soon_threadsafe`, so `on_state` always runs in that loop (e.g.
-the Faust agent's).  Without a loop, `on_state` runs on the libca thread and
-must be quick and must not call subscribe/unsubscribe.  subscribe(),
-unsubscribe() and clear() may be called from any thread (normally the loop's).
+an event loop given, states are queued and drained in that loop (e.g. the
+Faust agent's), in the order libca delivered them; only the first state
+queued after a drain wakes the loop (`call_soon_threadsafe`), so a burst of
+events costs one wake-up, and each drain hands its whole batch to
+`on_states` at once.  Without a loop, the callbacks run on the libca (or
+helper) thread, one state at a time, and must be quick and must not call
+subscribe/unsubscribe.  subscribe(), unsubscribe() and clear() may be called
+from any thread (normally the loop's).
+
+"Never connected": every new subscription gets a deadline `connect_grace_s`
+ahead.  One sweep timer (in the loop, or on a helper thread without one)
+reports all PVs past their deadline and still unconnected in one go, then
+waits for the next deadline, but at least SWEEP_INTERVAL_S after a sweep
+that reported any; so a PV is reported once, between connect_grace_s and
+connect_grace_s + SWEEP_INTERVAL_S after subscribe(), and a timer per PV
+is never needed.
 
 Environment: libca reads EPICS_CA_* once, when its context is created (at the
 first channel), so set them before that, ideally before importing `epics`.
@@ -30,6 +42,7 @@ would leak one channel per new name.  unsubscribe() therefore also calls
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import itertools
 import logging
@@ -65,7 +78,12 @@ ALARM_STATUS_NAMES = (
 # the EPICS epoch (1990-01-01) as its time stamp, which means "no time".
 _EPICS_EPOCH_POSIX = 631152000
 
+#: Shortest time between two sweeps that reported NEVER_CONNECTED, so PVs
+#: subscribed one after another are reported in a few batches, not one by one.
+SWEEP_INTERVAL_S = 0.25
+
 OnState = Callable[[str, PVState], None]
+OnStates = Callable[[list[tuple[str, PVState]]], None]
 
 
 def mask_bits(mask: Iterable[str]) -> int:
@@ -141,7 +159,7 @@ class _Sub:
     every callback that still arrives for this PV object is dropped."""
 
     __slots__ = ("name", "mask", "bits", "pv", "active", "connected", "ever_connected",
-                 "never_sent", "timer")
+                 "never_sent")
 
     def __init__(self, name: str, mask: frozenset[str], bits: int) -> None:
         self.name = name
@@ -152,7 +170,6 @@ class _Sub:
         self.connected = False
         self.ever_connected = False
         self.never_sent = False
-        self.timer: Any = None
 
 
 class _Deadlines:
@@ -204,14 +221,22 @@ class _Deadlines:
 class CAMonitor:
     """Owns pyepics monitors and reports PVState changes.
 
-    CAMonitor(on_state, loop, connect_grace_s=5.0, clock=time.time)
+    CAMonitor(on_state, loop, connect_grace_s=5.0, clock=time.time, on_states=None)
 
     `clock()` returns seconds since the epoch (like time.time); received_ms
     is int(clock() * 1000) at the moment libca delivered the event.
+
+    With `on_states`, it gets every state instead of `on_state`: a list of
+    (pv_name, state) in delivery order, once per drain of the loop's queue
+    (without a loop, one state per call; a sweep's NEVER_CONNECTED all in
+    one call).  States are never merged here; a batch may hold several
+    states of one PV.  States of PVs unsubscribed before the batch is handed
+    over are left out of it.
     """
 
-    def __init__(self, on_state: OnState, loop: asyncio.AbstractEventLoop | None,
-                 connect_grace_s: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, on_state: OnState | None, loop: asyncio.AbstractEventLoop | None,
+                 connect_grace_s: float = 5.0, clock: Callable[[], float] = time.time, *,
+                 on_states: OnStates | None = None) -> None:
         # Imported here, not at module import, so importing this module does
         # not fix the CA environment before the caller has set it.
         import epics  # noqa: F401
@@ -220,7 +245,10 @@ class CAMonitor:
         self._ca = ca
         self._pv_class = epics.PV
         self._pvcache = epics.pv._PVcache_
+        if on_state is None and on_states is None:
+            raise TypeError("CAMonitor needs on_state or on_states")
         self._on_state = on_state
+        self._on_states = on_states
         self._loop = loop
         self._grace = float(connect_grace_s)
         self._clock = clock
@@ -232,7 +260,16 @@ class CAMonitor:
         # an unsubscriber would deadlock.
         self._lock = threading.RLock()
         self._op_lock = threading.Lock()
+        # Subscriptions not connected yet -> monotonic deadline.  One grace
+        # for all, so insertion order is deadline order.  Under _lock.
+        self._waiting: collections.OrderedDict[_Sub, float] = collections.OrderedDict()
+        self._sweep_armed = False
         self._deadlines = _Deadlines() if loop is None else None
+        # States waiting for the loop.  _queue_lock is a leaf lock: nothing
+        # else is taken, and no libca call made, while holding it.
+        self._queue: list[tuple[_Sub, PVState]] = []
+        self._queue_lock = threading.Lock()
+        self._drain_scheduled = False
         self._closed = False
 
     # ---- public API -------------------------------------------------------
@@ -262,6 +299,9 @@ class CAMonitor:
                 # synchronously, for a channel that is already connected)
                 # before the constructor returns.
                 self._subs[name] = sub
+                self._waiting[sub] = time.monotonic() + self._grace
+                if not self._sweep_armed:
+                    self._arm_sweep_locked(self._waiting[sub])
             try:
                 sub.pv = self._pv_class(
                     name, form="time", auto_monitor=bits,
@@ -272,7 +312,6 @@ class CAMonitor:
                 with self._lock:
                     self._detach_locked(sub)
                 raise
-            self._arm_grace_timer(sub)
 
     def unsubscribe(self, pv: str) -> None:
         """Stop monitoring `pv` and release its channel; unknown names are ignored."""
@@ -323,7 +362,7 @@ class CAMonitor:
         sub.active = False
         if self._subs.get(sub.name) is sub:
             del self._subs[sub.name]
-        self._cancel_timer(sub)
+        self._waiting.pop(sub, None)
 
     def _release(self, sub: _Sub) -> None:
         """Free the libca resources of a detached subscription (caller holds _op_lock)."""
@@ -368,7 +407,7 @@ class CAMonitor:
             if conn:
                 sub.connected = True
                 sub.ever_connected = True
-                self._cancel_timer(sub)
+                self._waiting.pop(sub, None)
                 # The value follows as a monitor event (libca re-sends it on
                 # every (re)connection), so nothing is emitted here.
                 return
@@ -397,79 +436,102 @@ class CAMonitor:
 
     def _deliver(self, sub: _Sub, state: PVState) -> None:
         if self._loop is None:
-            self._dispatch(sub, state)
+            self._dispatch([(sub, state)])
             return
+        with self._queue_lock:
+            self._queue.append((sub, state))
+            if self._drain_scheduled:
+                return
+            self._drain_scheduled = True
         try:
-            self._loop.call_soon_threadsafe(self._dispatch, sub, state)
+            self._loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # loop closed: nobody left to tell
-            pass
+            with self._queue_lock:
+                self._queue.clear()
+                self._drain_scheduled = False
 
-    def _dispatch(self, sub: _Sub, state: PVState) -> None:
-        # Checked again here: the event may have been queued on the loop
-        # before an unsubscribe that ran first.
-        if not sub.active:
+    def _drain(self) -> None:
+        # The flag drops with the swap: a state queued from now on schedules
+        # the next drain, which runs after this one, so order is kept.
+        with self._queue_lock:
+            batch, self._queue = self._queue, []
+            self._drain_scheduled = False
+        self._dispatch(batch)
+
+    def _dispatch(self, batch: list[tuple[_Sub, PVState]]) -> None:
+        # `active` is checked again here: a state may have been queued before
+        # an unsubscribe that ran first.
+        if self._on_states is not None:
+            states = [(sub.name, state) for sub, state in batch if sub.active]
+            if states:
+                try:
+                    self._on_states(states)
+                except Exception:
+                    log.exception("on_states failed for %d states", len(states))
             return
-        try:
-            self._on_state(sub.name, state)
-        except Exception:
-            log.exception("on_state failed for %s", sub.name)
+        for sub, state in batch:
+            if not sub.active:
+                continue
+            try:
+                self._on_state(sub.name, state)
+            except Exception:
+                log.exception("on_state failed for %s", sub.name)
 
-    # ---- never-connected grace timer ---------------------------------------
+    # ---- never-connected sweep ---------------------------------------------
 
-    def _arm_grace_timer(self, sub: _Sub) -> None:
+    def _arm_sweep_locked(self, when: float) -> None:
+        """Have _sweep run at monotonic time `when` (caller holds _lock)."""
+        self._sweep_armed = True
         if self._loop is None:
             assert self._deadlines is not None
-            self._deadlines.call_later(self._grace, lambda: self._grace_expired(sub))
+            self._deadlines.call_later(max(0.0, when - time.monotonic()), self._sweep)
             return
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is self._loop:
-            self._start_loop_timer(sub)
+            self._start_sweep_timer(when)
         else:  # loop.call_later is not thread-safe
             try:
-                self._loop.call_soon_threadsafe(self._start_loop_timer, sub)
-            except RuntimeError:
-                pass
+                self._loop.call_soon_threadsafe(self._start_sweep_timer, when)
+            except RuntimeError:  # loop closed: no one to report to
+                self._sweep_armed = False
 
-    def _start_loop_timer(self, sub: _Sub) -> None:
+    def _start_sweep_timer(self, when: float) -> None:
+        self._loop.call_later(max(0.0, when - time.monotonic()), self._sweep)
+
+    def _sweep(self) -> None:
+        # The check and the hand-over (queueing, or in no-loop mode the
+        # delivery) happen under _lock so a connection racing with the sweep
+        # cannot be reported before it.
         with self._lock:
-            if sub.active and not sub.ever_connected:
-                sub.timer = self._loop.call_later(self._grace, self._grace_expired, sub)
-
-    def _cancel_timer(self, sub: _Sub) -> None:
-        # Under _lock.  The flags checked in _grace_expired make a late timer
-        # harmless; cancelling just frees it early.
-        timer, sub.timer = sub.timer, None
-        if timer is None:
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self._loop:
-            timer.cancel()
-        else:
-            try:
-                self._loop.call_soon_threadsafe(timer.cancel)
-            except RuntimeError:
-                pass
-
-    def _grace_expired(self, sub: _Sub) -> None:
-        # The check and (in no-loop mode) the delivery happen under _lock so a
-        # connection racing with the timer cannot be reported before it.
-        with self._lock:
-            sub.timer = None
-            if not sub.active or sub.ever_connected or sub.never_sent:
-                return
-            sub.never_sent = True
+            self._sweep_armed = False
+            now = time.monotonic()
             state = PVState(Connection.NEVER_CONNECTED, None, Severity.INVALID,
                             "NEVER_CONNECTED", None, self._now_ms())
-            if self._loop is None:
-                self._dispatch(sub, state)
+            expired: list[tuple[_Sub, PVState]] = []
+            waiting = self._waiting
+            while waiting:
+                sub, deadline = next(iter(waiting.items()))
+                if deadline > now:
+                    break
+                waiting.popitem(last=False)
+                if sub.active and not sub.ever_connected and not sub.never_sent:
+                    sub.never_sent = True
+                    expired.append((sub, state))
+            if waiting:
+                when = next(iter(waiting.values()))
+                if expired:
+                    when = max(when, now + SWEEP_INTERVAL_S)
+                self._arm_sweep_locked(when)
+            if not expired:
                 return
-        self._dispatch(sub, state)  # already on the loop thread
+            if self._loop is None:
+                self._dispatch(expired)
+                return
+            for sub, state in expired:
+                self._deliver(sub, state)
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import signal
 import threading
 import time
 
 import pytest
 
 # The helper sets the CA client environment (conftest.py imported it first); it must come before `epics`.
-from tests.integration.ioc import CA_PORT, SESSION_COUNT, caget, caput
+from tests.integration.ioc import CA_PORT, SESSION_COUNT, DemoIOC, caget, caput
 
 import epics  # noqa: E402
 from epics import ca  # noqa: E402
@@ -414,3 +415,177 @@ def test_subscribe_unsubscribe_cycles_release_everything(running_ioc, mon, rec):
     assert rec.since(mark) == []
     print(f"{cycles} x {len(names)} subscribe/unsubscribe cycles: {elapsed:.1f}s "
           f"(CA port {CA_PORT})")
+
+
+def test_one_sweep_reports_many_never_connected(running_ioc, mon, rec, loop):
+    """Hundreds of unconnected PVs, subscribed in waves: each reported once, in few sweeps."""
+    first = [f"DEMO:MISSING_A{i}" for i in range(300)]
+    later = [f"DEMO:MISSING_B{i}" for i in range(100)]
+    dropped = first[:20]
+    for name in first:
+        mon.subscribe(name, frozenset())
+    run_in_loop(loop, lambda: [mon.subscribe(n, frozenset()) for n in (FLOW, TEMP)])
+    # On the loop, so no drain is under way meanwhile; normally long before their deadline.
+    run_in_loop(loop, lambda: [mon.unsubscribe(n) for n in dropped])
+    unsubscribed = rec.mark()
+    expected = set(first) - set(dropped)
+    wait_never_connected(rec, expected, timeout=GRACE_S + 30)
+    # A new wave once the first is done: the sweep arms again.
+    run_in_loop(loop, lambda: [mon.subscribe(n, frozenset()) for n in later[:50]])
+    for name in later[50:]:
+        mon.subscribe(name, frozenset())
+    wait_never_connected(rec, set(later), timeout=GRACE_S + 30)
+
+    time.sleep(GRACE_S + 0.5)
+
+    def never_connected(events):
+        return [(n, s) for n, s, _ in events if s.connection is Connection.NEVER_CONNECTED]
+
+    never = never_connected(rec.events)
+    names = [n for n, _ in never]
+    early = {n for n, _ in never_connected(rec.events[:unsubscribed])} & set(dropped)
+    # Each once, none for connected PVs nor after an unsubscribe.
+    assert sorted(names) == sorted(expected | set(later) | early)
+    assert not {n for n, _ in never_connected(rec.events[unsubscribed:])} & set(dropped)
+    # Reported in subscription order, many per sweep (a sweep stamps them all alike).
+    assert [n for n in names if n in expected] == [n for n in first if n in expected]
+    assert len({s.received_ms for n, s in never if n in expected}) < len(expected) // 2
+    assert [s.connection for s in rec.since(0, FLOW)] == [Connection.CONNECTED]
+    assert [s.connection for s in rec.since(0, TEMP)] == [Connection.CONNECTED]
+    assert {t for _, _, t in rec.events} == {loop.thread_ident}
+
+
+def wait_never_connected(rec: Recorder, names: set[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with rec.cond:
+        while True:
+            seen = {n for n, s, _ in rec.events if s.connection is Connection.NEVER_CONNECTED}
+            if names <= seen:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{len(names - seen)} PVs never reported NEVER_CONNECTED, "
+                                     f"e.g. {sorted(names - seen)[:5]}")
+            rec.cond.wait(left)
+
+
+class BatchRecorder(Recorder):
+    """on_states sink: keeps every batch and, flattened, every (name, state, thread id)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[tuple[str, PVState]]] = []
+
+    def __call__(self, batch) -> None:  # type: ignore[override]
+        with self.cond:
+            self.batches.append(list(batch))
+            self.events.extend((n, s, threading.get_ident()) for n, s in batch)
+            self.cond.notify_all()
+
+
+def on_state_must_not_run(name, state):
+    raise AssertionError(f"on_state called for {name} although on_states is given")
+
+
+def test_on_states_gets_each_drain_as_one_batch_in_order(running_ioc, loop):
+    brec = BatchRecorder()
+    mon = CAMonitor(on_state_must_not_run, loop, connect_grace_s=GRACE_S, on_states=brec)
+    try:
+        caput(TEMP, 20)
+        caput(PRESSURE, 5)
+        for name in (TEMP, PRESSURE, MISSING):
+            mon.subscribe(name, frozenset())
+        brec.wait_for(TEMP, connected(20.0))
+        brec.wait_for(PRESSURE, connected(5.0))
+        assert brec.wait_for(MISSING, lambda s: True, timeout=GRACE_S + 5).connection \
+            is Connection.NEVER_CONNECTED
+
+        handed_over: list[tuple[str, PVState]] = []
+        deliver = mon._deliver
+
+        def spy(sub, state):
+            deliver(sub, state)  # queued once this returns
+            handed_over.append((sub.name, state))
+
+        mon._deliver = spy
+        blocked, gate = threading.Event(), threading.Event()
+        loop.call_soon_threadsafe(lambda: (blocked.set(), gate.wait(20)))
+        assert blocked.wait(10)
+        batches_before = len(brec.batches)
+        temps = [21.0, 55.0, 85.0, 30.0, 25.0]
+        pressures = [2.1, 5.5, 8.5, 3.0, 2.5]
+        try:
+            for t, p in zip(temps, pressures):
+                caput(TEMP, t)
+                caput(PRESSURE, p)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not (
+                    (TEMP, 25.0) in [(n, s.value) for n, s in handed_over]
+                    and (PRESSURE, 2.5) in [(n, s.value) for n, s in handed_over]):
+                time.sleep(0.01)
+            # While the loop is blocked: PRESSURE's queued states must not be delivered.
+            mon.unsubscribe(PRESSURE)
+            queued = list(handed_over)
+        finally:
+            gate.set()
+        run_in_loop(loop, lambda: None)
+        assert [s.value for n, s in queued if n == TEMP][-1] == 25.0, queued
+        assert [s.value for n, s in queued if n == PRESSURE][-1] == 2.5, queued
+
+        # Everything queued while the loop was blocked came in one call, in order.
+        new = brec.batches[batches_before:]
+        assert new == [[(n, s) for n, s in queued if n == TEMP]]
+        values = [s.value for _, s in new[0]]
+        assert values == [v for v in temps if v in values]  # the IOC's order (CA may merge)
+        assert [s.received_ms for _, s in new[0]] == sorted(s.received_ms for _, s in new[0])
+        assert {t for _, _, t in brec.events} == {loop.thread_ident}
+    finally:
+        mon.close()
+
+
+@pytest.mark.parametrize("callback", ["on_state", "on_states"])
+def test_ioc_burst_delivers_every_pvs_last_value(running_ioc, loop, callback):
+    """The IOC updates all numbered PVs as fast as it can: the last state of each is its value."""
+    names = [f"DEMO:PV{i}" for i in range(SESSION_COUNT)]
+    rec = BatchRecorder() if callback == "on_states" else Recorder()
+    running_ioc.kill()
+    burst = DemoIOC(count=SESSION_COUNT, extra_args=("--update-rate", "10000", "--update-paused"))
+    mon = None
+    try:
+        burst.start()
+        if callback == "on_states":
+            mon = CAMonitor(on_state_must_not_run, loop, connect_grace_s=60, on_states=rec)
+        else:
+            mon = CAMonitor(rec, loop, connect_grace_s=60)
+        for name in names:
+            mon.subscribe(name, frozenset())
+        rec.wait_count(set(names), 0, timeout=RECONNECT_TIMEOUT_S)
+
+        mark = rec.mark()
+        os.kill(burst.pid, signal.SIGUSR1)  # start updating
+        deadline = time.monotonic() + 60
+        while rec.mark() - mark < 30 * len(names) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(burst.pid, signal.SIGUSR1)  # pause
+        assert rec.mark() - mark >= 30 * len(names), "the IOC burst did not arrive"
+        # Until the IOC's last puts have arrived.
+        count = rec.mark()
+        while True:
+            time.sleep(1.0)
+            if rec.mark() == count:
+                break
+            count = rec.mark()
+
+        final = {name: caget(name)[0] for name in names}
+        last = {}
+        for name, state, _ in rec.events[mark:]:
+            last[name] = state
+        assert {n: s.value for n, s in last.items()} == final
+        assert all(s.connection is Connection.CONNECTED for s in last.values())
+        if callback == "on_states":
+            print(f"{rec.mark() - mark} states in {len(rec.batches)} batches")
+    finally:
+        if mon is not None:
+            mon.close()
+        burst.stop()
+        running_ioc.start()
