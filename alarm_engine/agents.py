@@ -34,7 +34,9 @@ from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 from alarm_engine import log_probe, records
 from alarm_engine.codec import BadRecord, RegistryUnavailable, decode_key
 from alarm_engine.config import Settings
-from alarm_engine.engine import AlarmProcessor, Out, Router, dead_letter
+from alarm_engine.engine import AlarmProcessor, Out, dead_letter
+from alarm_engine.faust_store import TableStore
+from alarm_engine.hotpath import HotPath
 from alarm_engine.topics import ensure_topics
 
 log = logging.getLogger("alarm_engine")
@@ -380,6 +382,13 @@ class AlarmEngineApp(faust.App):
     def _new_transport(self):
         return _Transport(self.conf.broker_consumer, self)
 
+    async def _on_partitions_revoked(self, revoked) -> None:
+        # Faust's own handler first closes the tables' stores of the revoked
+        # partitions; the hot path must finish its batch and let go before that.
+        if hot.consumer is not None:
+            await hot.revoke()
+        await super()._on_partitions_revoked(revoked)
+
     async def on_first_start(self) -> None:
         # Faust creates the data directory but not its parents.
         Path(self.conf.datadir).parent.mkdir(parents=True, exist_ok=True)
@@ -422,13 +431,12 @@ def _topic(logical: str, **kw) -> faust.TopicT:
 OUT = {name: _topic(name) for name in ("pv-state", "active-alarms", "dead-letters", "alarm-deps", "alarm-inputs")}
 
 monitored_in = _topic("monitored-pvs")
-pv_keyed_in = app.topic(settings.topic("pv-state"), settings.topic("alarm-deps"),
-                        key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 alarm_keyed_in = app.topic(*(settings.topic(t) for t in ("alarms", "shelved-alarms", "alarm-activations",
                                                          "alarm-inputs")),
                            key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-LOGICAL = {settings.topic(t): t for t in ("monitored-pvs", "pv-state", "alarm-deps", "alarms",
-                                          "shelved-alarms", "alarm-activations", "alarm-inputs")}
+# The inputs of the Faust agents (the control path); pv-state and alarm-deps are the hot path's.
+LOGICAL = {settings.topic(t): t for t in ("monitored-pvs", "alarms", "shelved-alarms", "alarm-activations",
+                                          "alarm-inputs")}
 
 
 # Changelog records of table writes not yet acknowledged by Kafka. Faust hands them
@@ -472,9 +480,10 @@ def _table(name: str, help: str) -> faust.Table:
 
 
 monitored = _table("monitored", "Monitored PVs of this worker's partitions: PV -> CA monitor mask and partition.")
-pv_latest = _table("pv-latest", "Latest PV state per PV (pv-state records), for alarms that start depending on it.")
-pv_dependents = _table("pv-dependents", "PV -> names of the alarms that depend on it (from alarm-deps).")
-alarm_state = _table("alarm-state", "Alarm -> core state: definition, PV inputs, shelving, activation, shown.")
+pv_home = _table("pv-home", "PV -> its latest state, its per-PV alarms' states, the rule alarms reading it "
+                            "(the hot path's table, written in batches by hotpath.py).")
+alarm_state = _table("alarm-state", "Alarm -> definition, shelving, activation; for rule and external "
+                                    "alarms also their PV inputs and what they show.")
 
 _codec = None
 
@@ -626,9 +635,7 @@ def in_progress(event):
 
 
 _processor: AlarmProcessor | None = None
-_router: Router | None = None
 alarm_state_view = _StrKeyed(alarm_state)
-router_views = (_StrKeyed(pv_latest), _StrKeyed(pv_dependents))
 monitored_view = _StrKeyed(monitored)
 
 
@@ -637,13 +644,6 @@ def processor() -> AlarmProcessor:
     if _processor is None:
         _processor = AlarmProcessor(settings, codec(), alarm_state_view)
     return _processor
-
-
-def router() -> Router:
-    global _router
-    if _router is None:
-        _router = Router(codec(), *router_views)
-    return _router
 
 
 def now_ms() -> int:
@@ -830,6 +830,8 @@ class Bridge:
     def __init__(self):
         self.monitor = None
         self.partition_of: dict[str, int] = {}
+        self.pending: dict[str, list] = {}  # PV -> states not sent yet, in order
+        self.wake = asyncio.Event()
 
     def _mon(self):
         if self.monitor is None:
@@ -842,8 +844,29 @@ class Bridge:
     def on_state(self, pv: str, state) -> None:
         if pv not in self.partition_of:
             return  # late event of a PV just dropped
-        value = codec().encode("pv-state", records.pv_state_datum(state))
-        asyncio.ensure_future(OUT["pv-state"].send(key=pv.encode(), value=value))
+        queued = self.pending.setdefault(pv, [])
+        # Only an exact repeat (timestamps aside) is merged: a rule can read any value.
+        if queued and _same(queued[-1], state):
+            queued[-1] = state
+        else:
+            queued.append(state)
+        self.wake.set()
+
+    async def send_loop(self) -> None:
+        """All pv-state records from one task, a batch per wait: in a burst (20,000
+        first values) one task per event would wake thousands of them on every drain."""
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            if hot.producer is None:
+                await asyncio.sleep(0.05)
+                self.wake.set()
+                continue
+            batch, self.pending = self.pending, {}
+            enc = codec().encode
+            outs = [Out("pv-state", pv.encode(), enc("pv-state", records.pv_state_datum(st)))
+                    for pv, states in batch.items() for st in states]
+            await hot.send(outs)
 
     def add(self, pv: str, mask, partition: int) -> None:
         self.partition_of[pv] = partition
@@ -866,7 +889,23 @@ class Bridge:
                 self.remove(pv)
 
 
+def _same(a, b) -> bool:
+    return (a.connection, a.value, a.severity, a.status) == (b.connection, b.value, b.severity, b.status)
+
+
 bridge = Bridge()
+
+
+@app.task
+async def _bridge_sender() -> None:
+    try:
+        await bridge.send_loop()
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        log.critical("the CA bridge's sender failed: exiting so that the worker restarts", exc_info=True)
+        logging.shutdown()
+        os._exit(1)
 
 
 def _monitored_outputs(topic: str, pv: str, value: bytes | None, msg) -> list[Out]:
@@ -904,10 +943,30 @@ async def _on_revoked(sender, revoked, **kwargs) -> None:
         bridge.revoke(gone)
 
 
-@app.agent(pv_keyed_in, concurrency=1)
-async def router_agent(stream):
-    """pv-state and alarm-deps (keyed by PV) -> alarm-inputs (keyed by alarm)."""
-    await handle_batches(stream, lambda topic, key, value, msg: router().handle(topic, key, value), router_views)
+hot = HotPath(settings, APP_ID, TableStore(pv_home), lambda: codec(),
+              {settings.topic(t): t for t in ("pv-state", "alarm-deps")})
+
+
+@app.task
+async def _hot_path() -> None:
+    """pv-state and alarm-deps (keyed by PV) -> active-alarms of per-PV alarms, alarm-inputs of rule alarms."""
+    try:
+        await hot.start()
+        await hot.run()
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        # The hot path is the engine: a worker without it must not look alive.
+        log.critical("the hot path failed: exiting so that the worker restarts", exc_info=True)
+        logging.shutdown()
+        os._exit(1)
+
+
+@pv_home.on_recover
+async def _assign_hot_path() -> None:
+    actives = {tp.partition for tp in app.assignor.assigned_actives()
+               if tp.topic == settings.topic("monitored-pvs")}
+    await hot.assign(actives)
 
 
 def _alarm_outputs(topic: str, key: str, value: bytes | None, msg) -> list[Out]:

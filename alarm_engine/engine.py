@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import lru_cache
 from typing import MutableMapping, NamedTuple
 
@@ -40,6 +40,7 @@ from alarm_engine.core import (
     ShelvingSet,
     Shown,
     Tick,
+    apply_control,
     next_deadline,
     step,
 )
@@ -110,6 +111,21 @@ def is_empty(s: AlarmState) -> bool:
     return s == AlarmState()
 
 
+def at_pv_home(d: AlarmDef | None) -> bool:
+    """A per-PV alarm is evaluated at its PV's home (pv_home.py), in one hop."""
+    return d is not None and d.kind == "pv"
+
+
+def control_fields(s: AlarmState) -> dict:
+    return {"def": _def_to_json(s.definition),
+            "shelving": asdict(s.shelving) if s.shelving else None,
+            "activation": asdict(s.activation) if s.activation else None}
+
+
+def control_changed(old: AlarmState, new: AlarmState) -> bool:
+    return (old.definition, old.shelving, old.activation) != (new.definition, new.shelving, new.activation)
+
+
 # --- the processors ---------------------------------------------------------
 
 class AlarmProcessor:
@@ -142,13 +158,19 @@ class AlarmProcessor:
         event = self.event_for(topic, key, value, ts_ms)
         raw = self.table.get(key)
         old = state_from_json(raw)
-        new = step(old, event, ts_ms)
+        if isinstance(event, (PVUpdate, Tick)) and at_pv_home(old.definition):
+            # An input or tick sent before the alarm moved to its PV's home: not ours now.
+            return []
         out: list[Out] = []
+        if at_pv_home(old.definition) or (isinstance(event, DefinitionSet) and at_pv_home(event.definition)):
+            new = self._control_step(key, old, event, ts_ms, out)
+        else:
+            new = step(old, event, ts_ms)
+            if new.shown != old.shown:
+                out.append(Out("active-alarms", key.encode(),
+                               self.codec.encode("active-alarms", records.shown_datum(new.shown))))
         if isinstance(event, DefinitionSet):
-            out.extend(self._dependency_changes(key, old.definition, new.definition))
-        if new.shown != old.shown:
-            out.append(Out("active-alarms", key.encode(),
-                           self.codec.encode("active-alarms", records.shown_datum(new.shown))))
+            out[:0] = self._dependency_changes(key, old.definition, new.definition)
         if new != old:
             if is_empty(new):
                 if raw is not None:
@@ -162,10 +184,34 @@ class AlarmProcessor:
             self.deadlines[key] = deadline
         return out
 
+    def _control_step(self, key: str, old: AlarmState, event, ts_ms: int, out: list[Out]) -> AlarmState:
+        """A per-PV alarm (before or after `event`): its definition, shelving and activation
+        are kept here and forwarded to its PV's home, which evaluates it (pv_home.py)."""
+        new = apply_control(old, event, ts_ms)
+        was_home, is_home = at_pv_home(old.definition), at_pv_home(new.definition)
+        old_pv = old.definition.pv if was_home else None
+        new_pv = new.definition.pv if is_home else None
+        if was_home and old_pv != new_pv:
+            gone = {"alarm": key, "control": None, "moved": new.definition is not None}
+            out.append(Out("alarm-deps", old_pv.encode(), _json(gone)))
+        if is_home:
+            if old_pv != new_pv or control_changed(old, new):
+                out.append(Out("alarm-deps", new_pv.encode(),
+                               _json({"alarm": key, "control": control_fields(new)})))
+            # Evaluated at the home: nothing of its own shown state is kept here.
+            return replace(new, inputs={}, shown=None, active_since_ms=None, shelving_consumed=False)
+        # Moved from its PV's home to here (now a rule or external alarm): evaluate, and
+        # publish what it shows even if nothing, to overwrite what the home showed.
+        new = step(new, Tick(), ts_ms)
+        out.append(Out("active-alarms", key.encode(),
+                       self.codec.encode("active-alarms", records.shown_datum(new.shown))))
+        return new
+
     @staticmethod
     def _dependency_changes(alarm: str, old: AlarmDef | None, new: AlarmDef | None) -> list[Out]:
-        before = old.pvs() if old else frozenset()
-        after = new.pvs() if new else frozenset()
+        # Rule alarms only: a per-PV alarm's home learns of it from its control record.
+        before = old.pvs() if old and not at_pv_home(old) else frozenset()
+        after = new.pvs() if new and not at_pv_home(new) else frozenset()
         out = [Out("alarm-deps", pv.encode(), _json({"alarm": alarm, "uses": True})) for pv in sorted(after - before)]
         out += [Out("alarm-deps", pv.encode(), _json({"alarm": alarm, "uses": False})) for pv in sorted(before - after)]
         return out

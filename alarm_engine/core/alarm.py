@@ -262,6 +262,14 @@ def _settle(state: AlarmState, now_ms: int) -> AlarmState:
     return replace(state, active_since_ms=since, shown=shown)
 
 
+def apply_control(state: AlarmState, event: Event, now_ms: int) -> AlarmState:
+    """Apply a definition, shelving or activation without evaluating: for the side
+    that keeps an alarm's operator records while another place evaluates it."""
+    if isinstance(event, (PVUpdate, Tick)):
+        return state
+    return _apply(state, event, now_ms)
+
+
 def step(state: AlarmState, event: Event, now_ms: int) -> AlarmState:
     """Apply one event at time now_ms (non-decreasing across calls)."""
     return _settle(_apply(state, event, now_ms), now_ms)

@@ -401,10 +401,12 @@ def input_offsets(settings: Settings, committed: bool = True) -> tuple[dict, dic
         return f"{names[tp.topic]}[{tp.partition}]"
 
     async def group_offsets() -> dict:
+        # pv-state and alarm-deps are read by the hot path, which commits to a group of its own.
         admin = AIOKafkaAdminClient(**settings.kafka_kwargs())
         await admin.start()
         try:
             done = await admin.list_consumer_group_offsets(group)
+            done.update(await admin.list_consumer_group_offsets(f"{group}-hotpath"))
             return {name(tp): done[tp].offset if tp in done else 0 for tp in tps}
         finally:
             await admin.close()

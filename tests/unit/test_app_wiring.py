@@ -13,7 +13,7 @@ def test_faust_lists_every_table_with_its_help():
     cells = [[c.strip() for c in line.split("|")[1:3]] for line in proc.stdout.splitlines()
              if line.startswith("| ")]
     tables = {name: help_text for name, help_text in cells if name != "name"}
-    assert set(tables) == {"monitored", "pv-latest", "pv-dependents", "alarm-state"}
+    assert set(tables) == {"monitored", "pv-home", "alarm-state"}
     assert all(len(help_text) > 20 for help_text in tables.values()), tables
 
 
@@ -22,7 +22,7 @@ def test_every_agent_runs_with_concurrency_one():
     from alarm_engine.agents import app
 
     agents = list(app.agents.values())
-    assert {a.name.rsplit(".", 1)[-1] for a in agents} == {"monitored_agent", "router_agent", "alarm_agent"}
+    assert {a.name.rsplit(".", 1)[-1] for a in agents} == {"monitored_agent", "alarm_agent"}
     assert all(a.concurrency == 1 for a in agents)
 
 

@@ -9,7 +9,8 @@ import pytest
 from alarm_engine.codec import BadRecord
 from alarm_engine.config import Settings
 from alarm_engine.core import AlarmState, Connection, PVState, Severity, step, DefinitionSet, AlarmDef
-from alarm_engine.engine import AlarmProcessor, Router, state_from_json, state_to_json
+from alarm_engine.engine import AlarmProcessor, state_from_json, state_to_json
+from alarm_engine.pv_home import PVEntry, PVHome, decode_entry, encode_entry
 
 S = Settings()
 T0 = 1_800_000_000_000
@@ -25,13 +26,21 @@ def pv_msg(pv, severity="NO_ALARM", connection="CONNECTED", value=1.0, ts=T0):
                                   "iocTimestamp": ts, "receivedAt": ts}})
 
 
+def tick(alarm, pv, ts):
+    from alarm_engine.engine import Out
+
+    return Out("alarm-deps", pv.encode(), j({"alarm": alarm, "tick": ts}))
+
+
 class Harness:
-    """An AlarmProcessor and a Router wired to each other by hand."""
+    """An AlarmProcessor and a PVHome wired to each other by hand; each PV's entry
+    goes through its encoding after every record, as it does through the table."""
 
     def __init__(self, codec):
         self.codec = codec
         self.alarms = AlarmProcessor(S, codec, {})
-        self.router = Router(codec, {}, {})
+        self.home = PVHome(codec)
+        self.entries: dict[str, bytes] = {}
         self.active: dict[str, dict] = {}
         self.emitted: list = []
 
@@ -42,12 +51,21 @@ class Harness:
 
     def pv(self, pv, ts=T0, **kw):
         datum = json.loads(pv_msg(pv, ts=ts, **kw))["state"]
-        self._route(self.router.handle("pv-state", pv, self.codec.encode("pv-state", datum)), ts)
+        self._route(self._home("pv-state", pv, self.codec.encode("pv-state", datum), ts), ts)
+
+    def entry(self, pv) -> PVEntry:
+        return decode_entry(pv, self.entries.get(pv))
+
+    def _home(self, topic, pv, value, ts):
+        e = decode_entry(pv, self.entries.get(pv))
+        outs = self.home.handle(topic, pv, value, ts, e)
+        self.entries[pv] = encode_entry(e)
+        return outs
 
     def _route(self, outs, ts):
         for o in outs:
             if o.topic == "alarm-deps":
-                self._route(self.router.handle("alarm-deps", o.key.decode(), o.value), ts)
+                self._route(self._home("alarm-deps", o.key.decode(), o.value, ts), ts)
             elif o.topic == "alarm-inputs":
                 self._route(self.alarms.handle("alarm-inputs", o.key.decode(), o.value, ts), ts)
             elif o.topic == "active-alarms":
@@ -108,14 +126,14 @@ def test_redefinition_moves_the_dependency(h):
     h.pv("T:2", severity="MAJOR")
     alarm(h, "A", pv="T:2")
     assert h.active["A"]["severity"] == "MAJOR"
-    assert h.router.dependents == {"T:2": ["A"]}
+    assert set(h.entry("T:2").alarms) == {"A"} and h.entry("T:1").alarms == {}
 
 
 def test_removing_the_definition_tombstones_and_drops_dependencies(h):
     alarm(h, "A", pv="T:1")
     h.pv("T:1", severity="MAJOR")
     h.feed("alarms", "A", None)
-    assert "A" not in h.active and h.router.dependents == {}
+    assert "A" not in h.active and h.entry("T:1").alarms == {}
 
 
 def test_timed_shelving_expires_through_a_tick(h):
@@ -125,12 +143,65 @@ def test_timed_shelving_expires_through_a_tick(h):
     h.feed("shelved-alarms", "A", h.codec.encode("shelved-alarms", h.codec._json["shelved-alarms"].read(shelf)),
            ts=T0 + 1)
     assert h.active["A"]["state"] == "SHELVED"
+    assert h.alarms.deadlines == {}  # evaluated at the PV's home, which keeps the deadline
+    assert h.entry("T:1").deadlines() == {"A": T0 + 1000}
+    h._route([tick("A", "T:1", T0 + 1000)], T0 + 1000)
+    assert h.active["A"]["state"] == "ACTIVE"
+    assert h.entry("T:1").deadlines() == {}
+
+
+def test_rule_alarm_timed_shelving_expires_through_a_tick(h):
+    alarm(h, "R", expression="`X` > 1")
+    h.pv("X", value=5.0)
+    shelf = {"user": "op", "expiration": T0 + 1000}
+    h.feed("shelved-alarms", "R", h.codec.encode("shelved-alarms", h.codec._json["shelved-alarms"].read(shelf)),
+           ts=T0 + 1)
+    assert h.active["R"]["state"] == "SHELVED"
     assert h.alarms.due(T0 + 999) == []
     ticks = h.alarms.due(T0 + 1000)
-    assert [t.key for t in ticks] == [b"A"]
+    assert [t.key for t in ticks] == [b"R"]
     h._route(ticks, T0 + 1000)
-    assert h.active["A"]["state"] == "ACTIVE"
+    assert h.active["R"]["state"] == "ACTIVE"
     assert h.alarms.deadlines == {}
+
+
+def test_an_alarm_redefined_from_pv_to_rule_and_back_moves_between_homes(h):
+    alarm(h, "A", pv="T:1")
+    h.pv("T:1", severity="MAJOR")
+    h.pv("X", value=0.0)
+    assert h.active["A"]["cause"] == "PV_ALARM"
+    alarm(h, "A", expression="`X` > 1")
+    # Moved to the alarm's own partition: the rule shows nothing, and says so.
+    assert "A" not in h.active and h.emitted[-1] == ("A", None)
+    assert h.entry("T:1").alarms == {} and h.entry("X").rules == ["A"]
+    h.pv("X", value=5.0)
+    assert h.active["A"]["cause"] == "RULE"
+    alarm(h, "A", pv="T:1")
+    assert h.active["A"]["cause"] == "PV_ALARM" and h.entry("X").rules == []
+    h.pv("X", value=0.0)  # no longer read by A
+    assert h.active["A"]["cause"] == "PV_ALARM"
+
+
+def test_a_replayed_record_sends_the_current_outputs_again(h):
+    alarm(h, "A", pv="T:1")
+    alarm(h, "R", expression="`T:1` > 1")
+    h.pv("T:1", severity="MAJOR", value=5.0)
+    outs = h.home.current_outputs("T:1", h.entry("T:1"))
+    assert [(o.topic, o.key) for o in outs] == [("active-alarms", b"A"), ("alarm-inputs", b"R")]
+    assert h.codec.decode("active-alarms", outs[0].value)["severity"] == "MAJOR"
+
+
+@pytest.mark.parametrize("value, reason", [
+    (b"{", "not an alarm-deps record"),
+    (b'{"alarm": ""}', "non-empty string"),
+    (b'{"alarm": "A"}', "none of uses, control, tick"),
+    (b'{"alarm": "A", "control": {"def": ["A", "rule", null, "x", "P1_LIFE", 2]}, "shelving": null}',
+     "alarm-deps control of A"),
+])
+def test_bad_alarm_deps_records_are_rejected_with_a_reason(h, value, reason):
+    with pytest.raises(BadRecord, match=reason):
+        h._home("alarm-deps", "T:1", value, T0)
+    assert "T:1" not in h.entries
 
 
 def test_bad_rule_is_rejected_with_its_position(h):

@@ -1,0 +1,187 @@
+"""The engine's PV-keyed record handling, free of Faust and Kafka: one hop for per-PV alarms.
+
+A PV's partition is the home of the PV's state and of every per-PV alarm on it
+(an alarm of kind 'pv' watches one PV): a pv-state record is read, its alarms
+stepped and their active-alarms records produced in one place, with no
+repartition. Rule alarms (several PVs, on any partitions) stay where their name
+is: the home forwards the PV's state to them on `alarm-inputs`.
+
+What reaches the home besides pv-state comes on `alarm-deps`, keyed by PV, from
+the alarm-keyed processor (engine.AlarmProcessor), which owns every alarm's
+definition, shelving and activation records:
+
+  {"alarm": A, "uses": true|false}        rule alarm A starts / stops reading the PV
+  {"alarm": A, "control": {...}}          per-PV alarm A's definition, shelving, activation
+  {"alarm": A, "control": null, "moved": m}  A is gone from this PV (deleted, or moved: m)
+  {"alarm": A, "tick": T}                 re-evaluate A (a timed shelving ends)
+
+One entry per PV holds everything the home needs (`PVEntry`), so a pv-state
+record costs one read and one write. Each entry also keeps, per input topic, the
+offset of the last record applied to it: a record at or below it has been
+applied already (a replay after a crash), and is not applied again; instead the
+entry's current outputs are sent again, since those of the first pass may not
+have reached Kafka (see docs/design.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from alarm_engine import records
+from alarm_engine.codec import BadRecord, Codec
+from alarm_engine.core import (
+    Activation,
+    ActivationSet,
+    AlarmState,
+    DefinitionSet,
+    PVUpdate,
+    Shelving,
+    ShelvingSet,
+    Tick,
+    next_deadline,
+    step,
+)
+from alarm_engine.engine import Out, _def_from_tuple, _json, state_from_json, state_to_json
+
+
+@dataclass
+class PVEntry:
+    """Everything the home keeps for one PV."""
+
+    offsets: dict[str, int] = field(default_factory=dict)  # input topic -> last offset applied
+    latest: dict | None = None  # the last pv-state datum
+    rules: list[str] = field(default_factory=list)  # rule alarms reading this PV
+    alarms: dict[str, AlarmState] = field(default_factory=dict)  # per-PV alarms on this PV
+
+    def is_empty(self) -> bool:
+        return self.latest is None and not self.rules and not self.alarms
+
+    def deadlines(self) -> dict[str, int]:
+        out = {}
+        for name, st in self.alarms.items():
+            d = next_deadline(st)
+            if d is not None:
+                out[name] = d
+        return out
+
+
+def encode_entry(e: PVEntry) -> bytes:
+    alarms = {}
+    for name, st in e.alarms.items():
+        j = state_to_json(st)
+        del j["inputs"]  # the PV's own state: `latest`, not a second copy
+        alarms[name] = j
+    return json.dumps({"o": e.offsets, "latest": e.latest, "rules": e.rules, "alarms": alarms},
+                      separators=(",", ":")).encode()
+
+
+def decode_entry(pv: str, raw: bytes | None) -> PVEntry:
+    if raw is None:
+        return PVEntry()
+    j = json.loads(raw)
+    latest = j["latest"]
+    alarms = {}
+    for name, a in j["alarms"].items():
+        alarms[name] = state_from_json({**a, "inputs": {pv: latest} if latest is not None else {}})
+    return PVEntry(offsets=j["o"], latest=latest, rules=list(j["rules"]), alarms=alarms)
+
+
+def _shown_out(codec: Codec, name: str, st: AlarmState) -> Out:
+    return Out("active-alarms", name.encode(), codec.encode("active-alarms", records.shown_datum(st.shown)))
+
+
+class PVHome:
+    """Handles the records keyed by PV: PV states and what the alarms tell the PV."""
+
+    def __init__(self, codec: Codec):
+        self.codec = codec
+
+    def handle(self, topic: str, pv: str, value: bytes | None, ts_ms: int, e: PVEntry) -> list[Out]:
+        """Apply one record to `e` (in place) and return its outputs. Raises BadRecord
+        before changing anything when the record is bad."""
+        if topic == "pv-state":
+            return self._pv_state(pv, value, ts_ms, e)
+        if topic == "alarm-deps":
+            return self._dep(pv, value, ts_ms, e)
+        raise BadRecord(f"{topic} is not a PV-keyed topic")
+
+    def current_outputs(self, pv: str, e: PVEntry) -> list[Out]:
+        """What the entry implies downstream now: sent again for a replayed record."""
+        out = [_shown_out(self.codec, name, st) for name, st in sorted(e.alarms.items())]
+        msg = _json({"pv": pv, "state": e.latest})
+        out += [Out("alarm-inputs", a.encode(), msg) for a in e.rules]
+        return out
+
+    def _pv_state(self, pv: str, value: bytes | None, ts_ms: int, e: PVEntry) -> list[Out]:
+        datum = self.codec.decode("pv-state", value)
+        state = records.pv_state(datum) if datum is not None else None  # validate before it spreads
+        e.latest = datum
+        out = []
+        for name in sorted(e.alarms):
+            old = e.alarms[name]
+            new = e.alarms[name] = step(old, PVUpdate(pv, state), ts_ms)
+            if new.shown != old.shown:
+                out.append(_shown_out(self.codec, name, new))
+        if e.rules:
+            msg = _json({"pv": pv, "state": datum})
+            out += [Out("alarm-inputs", a.encode(), msg) for a in e.rules]
+        return out
+
+    def _dep(self, pv: str, value: bytes | None, ts_ms: int, e: PVEntry) -> list[Out]:
+        try:
+            dep = json.loads(value)
+            alarm = dep["alarm"]
+            if not isinstance(alarm, str) or not alarm:
+                raise ValueError("alarm must be a non-empty string")
+        except (TypeError, ValueError, KeyError) as err:
+            raise BadRecord(f"not an alarm-deps record: {err}") from None
+        if "uses" in dep:
+            return self._uses(pv, alarm, bool(dep["uses"]), e)
+        if "tick" in dep:
+            old = e.alarms.get(alarm)
+            if old is None:
+                return []
+            new = e.alarms[alarm] = step(old, Tick(), ts_ms)
+            return [_shown_out(self.codec, alarm, new)] if new.shown != old.shown else []
+        if "control" in dep:
+            return self._control(pv, alarm, dep["control"], bool(dep.get("moved")), ts_ms, e)
+        raise BadRecord("alarm-deps record has none of uses, control, tick")
+
+    def _uses(self, pv: str, alarm: str, uses: bool, e: PVEntry) -> list[Out]:
+        if uses and alarm not in e.rules:
+            e.rules = sorted(e.rules + [alarm])
+            # A new dependent learns the PV's current state at once.
+            if e.latest is not None:
+                return [Out("alarm-inputs", alarm.encode(), _json({"pv": pv, "state": e.latest}))]
+        elif not uses and alarm in e.rules:
+            e.rules = [a for a in e.rules if a != alarm]
+        return []
+
+    def _control(self, pv: str, alarm: str, control, moved: bool, ts_ms: int, e: PVEntry) -> list[Out]:
+        old = e.alarms.get(alarm)
+        if control is None:
+            if old is None:
+                return []
+            del e.alarms[alarm]
+            # Moved: the alarm's new home publishes what it shows; a tombstone from here
+            # could overtake it. Deleted: nobody else will clear it.
+            return [] if moved or old.shown is None else [_shown_out(self.codec, alarm, AlarmState())]
+        try:
+            defn = _def_from_tuple(tuple(control["def"]))
+            shelving = Shelving(**control["shelving"]) if control["shelving"] else None
+            activation = Activation(**control["activation"]) if control["activation"] else None
+        except (TypeError, ValueError, KeyError) as err:
+            raise BadRecord(f"alarm-deps control of {alarm}: {err}") from None
+        if defn.kind != "pv" or defn.pv != pv or defn.name != alarm:
+            raise BadRecord(f"alarm-deps control of {alarm} is not a per-PV alarm of {pv}")
+        st = old if old is not None else AlarmState()
+        if old is None and e.latest is not None:
+            st = step(st, PVUpdate(pv, records.pv_state(e.latest)), ts_ms)
+        for event in (DefinitionSet(defn), ShelvingSet(shelving), ActivationSet(activation)):
+            st = step(st, event, ts_ms)
+        e.alarms[alarm] = st
+        if old is None:
+            # New here (defined, or moved in): whatever an earlier home showed is overwritten.
+            return [_shown_out(self.codec, alarm, st)]
+        return [_shown_out(self.codec, alarm, st)] if st.shown != old.shown else []
