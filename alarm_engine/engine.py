@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from typing import MutableMapping, NamedTuple
 
@@ -128,6 +128,19 @@ def control_changed(old: AlarmState, new: AlarmState) -> bool:
 
 # --- the processors ---------------------------------------------------------
 
+@dataclass(frozen=True)
+class Released:
+    """A PV's home has stopped evaluating the alarm (it moved away, or was deleted)."""
+
+    pv: str
+
+
+def _control_out(alarm: str, st: AlarmState, ts_ms: int) -> Out:
+    """A per-PV alarm's operator records, for its PV's home, as of `ts_ms`."""
+    return Out("alarm-deps", st.definition.pv.encode(),
+               _json({"alarm": alarm, "control": control_fields(st), "ts": ts_ms}))
+
+
 class AlarmProcessor:
     """Handles the records keyed by alarm name."""
 
@@ -143,6 +156,8 @@ class AlarmProcessor:
             msg = json.loads(value)
             if "tick" in msg:
                 return Tick()
+            if "released" in msg:
+                return Released(msg["released"])
             state = records.pv_state(msg["state"]) if msg["state"] is not None else None
             return PVUpdate(msg["pv"], state)
         datum = self.codec.decode(topic, value)
@@ -155,28 +170,46 @@ class AlarmProcessor:
         raise BadRecord(f"{topic} is not an alarm input")
 
     def handle(self, topic: str, key: str, value: bytes | None, ts_ms: int) -> list[Out]:
+        """Where an alarm is evaluated: here (rule and external alarms), at its PV's home
+        (per-PV alarms: this side keeps and forwards their operator records), or nowhere
+        while it moves away from a PV's home (`releasing`): a new place publishes only once
+        the old home has confirmed that it has stopped, so that two writers never race on
+        the alarm's active-alarms record."""
         event = self.event_for(topic, key, value, ts_ms)
         raw = self.table.get(key)
         old = state_from_json(raw)
-        if isinstance(event, (PVUpdate, Tick)) and at_pv_home(old.definition):
-            # An input or tick sent before the alarm moved to its PV's home: not ours now.
-            return []
+        releasing = raw.get("releasing") if raw else None
         out: list[Out] = []
-        if at_pv_home(old.definition) or (isinstance(event, DefinitionSet) and at_pv_home(event.definition)):
-            new = self._control_step(key, old, event, ts_ms, out)
+        if isinstance(event, Released):
+            if event.pv != releasing:
+                return []  # a copy sent again on a replay: the move it answers is over
+            new, releasing = self._arrive(key, old, ts_ms, out), None
+        elif releasing is not None or at_pv_home(old.definition):
+            if isinstance(event, (PVUpdate, Tick)):
+                return []  # sent before the alarm moved away: not evaluated here
+            new = apply_control(old, event, ts_ms)
+            if releasing is None:  # at its PV's home until now
+                pv = old.definition.pv
+                if at_pv_home(new.definition) and new.definition.pv == pv:
+                    if control_changed(old, new):
+                        out.append(_control_out(key, new, ts_ms))
+                else:
+                    out.append(Out("alarm-deps", pv.encode(), _json({"alarm": key, "control": None, "ts": ts_ms})))
+                    releasing = pv
+        elif isinstance(event, DefinitionSet) and at_pv_home(event.definition):
+            new = self._arrive(key, apply_control(old, event, ts_ms), ts_ms, out)
         else:
             new = step(old, event, ts_ms)
             if new.shown != old.shown:
-                out.append(Out("active-alarms", key.encode(),
-                               self.codec.encode("active-alarms", records.shown_datum(new.shown))))
+                out.append(self._shown_out(key, new))
         if isinstance(event, DefinitionSet):
             out[:0] = self._dependency_changes(key, old.definition, new.definition)
-        if new != old:
-            if is_empty(new):
+        if new != old or releasing != (raw or {}).get("releasing"):
+            if is_empty(new) and releasing is None:
                 if raw is not None:
                     del self.table[key]
             else:
-                self.table[key] = state_to_json(new)
+                self.table[key] = {**state_to_json(new), "releasing": releasing}
         deadline = next_deadline(new)
         if deadline is None:
             self.deadlines.pop(key, None)
@@ -184,28 +217,19 @@ class AlarmProcessor:
             self.deadlines[key] = deadline
         return out
 
-    def _control_step(self, key: str, old: AlarmState, event, ts_ms: int, out: list[Out]) -> AlarmState:
-        """A per-PV alarm (before or after `event`): its definition, shelving and activation
-        are kept here and forwarded to its PV's home, which evaluates it (pv_home.py)."""
-        new = apply_control(old, event, ts_ms)
-        was_home, is_home = at_pv_home(old.definition), at_pv_home(new.definition)
-        old_pv = old.definition.pv if was_home else None
-        new_pv = new.definition.pv if is_home else None
-        if was_home and old_pv != new_pv:
-            gone = {"alarm": key, "control": None, "moved": new.definition is not None}
-            out.append(Out("alarm-deps", old_pv.encode(), _json(gone)))
-        if is_home:
-            if old_pv != new_pv or control_changed(old, new):
-                out.append(Out("alarm-deps", new_pv.encode(),
-                               _json({"alarm": key, "control": control_fields(new)})))
+    def _shown_out(self, key: str, st: AlarmState) -> Out:
+        return Out("active-alarms", key.encode(), self.codec.encode("active-alarms", records.shown_datum(st.shown)))
+
+    def _arrive(self, key: str, st: AlarmState, ts_ms: int, out: list[Out]) -> AlarmState:
+        """From now on the alarm is evaluated where its definition says; that place
+        publishes what it shows at once, even nothing, over whatever was shown before."""
+        if at_pv_home(st.definition):
+            out.append(_control_out(key, st, ts_ms))
             # Evaluated at the home: nothing of its own shown state is kept here.
-            return replace(new, inputs={}, shown=None, active_since_ms=None, shelving_consumed=False)
-        # Moved from its PV's home to here (now a rule or external alarm): evaluate, and
-        # publish what it shows even if nothing, to overwrite what the home showed.
-        new = step(new, Tick(), ts_ms)
-        out.append(Out("active-alarms", key.encode(),
-                       self.codec.encode("active-alarms", records.shown_datum(new.shown))))
-        return new
+            return replace(st, inputs={}, shown=None, active_since_ms=None, shelving_consumed=False)
+        st = step(st, Tick(), ts_ms)
+        out.append(self._shown_out(key, st))
+        return st
 
     @staticmethod
     def _dependency_changes(alarm: str, old: AlarmDef | None, new: AlarmDef | None) -> list[Out]:
@@ -225,43 +249,6 @@ class AlarmProcessor:
 
     def rebuild_deadlines(self, items) -> None:
         self.deadlines = {k: v["deadline"] for k, v in items if v.get("deadline") is not None}
-
-
-class Router:
-    """Handles the records keyed by PV name: PV states and alarm dependencies."""
-
-    def __init__(self, codec: Codec, latest: MutableMapping[str, dict], dependents: MutableMapping[str, list]):
-        self.codec = codec
-        self.latest = latest
-        self.dependents = dependents
-
-    def handle(self, topic: str, key: str, value: bytes | None) -> list[Out]:
-        if topic == "pv-state":
-            datum = self.codec.decode("pv-state", value)
-            if datum is not None:
-                records.pv_state(datum)  # validate before it spreads
-                self.latest[key] = datum
-            elif key in self.latest:
-                del self.latest[key]
-            msg = _json({"pv": key, "state": datum})
-            return [Out("alarm-inputs", a.encode(), msg) for a in self.dependents.get(key, ())]
-        if topic == "alarm-deps":
-            dep = json.loads(value)
-            alarm, uses = dep["alarm"], bool(dep["uses"])
-            current = self.dependents.get(key, [])
-            if uses and alarm not in current:
-                self.dependents[key] = sorted(current + [alarm])
-                # A new dependent learns the PV's current state at once.
-                if key in self.latest:
-                    return [Out("alarm-inputs", alarm.encode(), _json({"pv": key, "state": self.latest[key]}))]
-            elif not uses and alarm in current:
-                rest = [a for a in current if a != alarm]
-                if rest:
-                    self.dependents[key] = rest
-                else:
-                    del self.dependents[key]
-            return []
-        raise BadRecord(f"{topic} is not a PV-keyed topic")
 
 
 # A dead letter carries the rejected record; a record near the broker's size limit

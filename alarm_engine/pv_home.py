@@ -11,8 +11,11 @@ the alarm-keyed processor (engine.AlarmProcessor), which owns every alarm's
 definition, shelving and activation records:
 
   {"alarm": A, "uses": true|false}        rule alarm A starts / stops reading the PV
-  {"alarm": A, "control": {...}}          per-PV alarm A's definition, shelving, activation
-  {"alarm": A, "control": null, "moved": m}  A is gone from this PV (deleted, or moved: m)
+  {"alarm": A, "control": {...}, "ts": T}   per-PV alarm A's definition, shelving, activation,
+                                           as of the time T of the record that set them
+  {"alarm": A, "control": null, "ts": T}   A is evaluated here no more (moved, or deleted): the
+                                           home drops it and answers {"released": PV} on
+                                           alarm-inputs, after which the alarm's new place publishes
   {"alarm": A, "tick": T}                 re-evaluate A (a timed shelving ends)
 
 One entry per PV holds everything the home needs (`PVEntry`), so a pv-state
@@ -53,9 +56,10 @@ class PVEntry:
     latest: dict | None = None  # the last pv-state datum
     rules: list[str] = field(default_factory=list)  # rule alarms reading this PV
     alarms: dict[str, AlarmState] = field(default_factory=dict)  # per-PV alarms on this PV
+    released: list[str] = field(default_factory=list)  # alarms let go, whose answer a replay sends again
 
     def is_empty(self) -> bool:
-        return self.latest is None and not self.rules and not self.alarms
+        return self.latest is None and not self.rules and not self.alarms and not self.released
 
     def deadlines(self) -> dict[str, int]:
         out = {}
@@ -72,7 +76,8 @@ def encode_entry(e: PVEntry) -> bytes:
         j = state_to_json(st)
         del j["inputs"]  # the PV's own state: `latest`, not a second copy
         alarms[name] = j
-    return json.dumps({"o": e.offsets, "latest": e.latest, "rules": e.rules, "alarms": alarms},
+    return json.dumps({"o": e.offsets, "latest": e.latest, "rules": e.rules, "alarms": alarms,
+                       "released": e.released},
                       separators=(",", ":")).encode()
 
 
@@ -84,7 +89,8 @@ def decode_entry(pv: str, raw: bytes | None) -> PVEntry:
     alarms = {}
     for name, a in j["alarms"].items():
         alarms[name] = state_from_json({**a, "inputs": {pv: latest} if latest is not None else {}})
-    return PVEntry(offsets=j["o"], latest=latest, rules=list(j["rules"]), alarms=alarms)
+    return PVEntry(offsets=j["o"], latest=latest, rules=list(j["rules"]), alarms=alarms,
+                   released=list(j.get("released", ())))
 
 
 def _shown_out(codec: Codec, name: str, st: AlarmState) -> Out:
@@ -111,6 +117,7 @@ class PVHome:
         out = [_shown_out(self.codec, name, st) for name, st in sorted(e.alarms.items())]
         msg = _json({"pv": pv, "state": e.latest})
         out += [Out("alarm-inputs", a.encode(), msg) for a in e.rules]
+        out += [_released_out(pv, a) for a in e.released]
         return out
 
     def _pv_state(self, pv: str, value: bytes | None, ts_ms: int, e: PVEntry) -> list[Out]:
@@ -145,7 +152,10 @@ class PVHome:
             new = e.alarms[alarm] = step(old, Tick(), ts_ms)
             return [_shown_out(self.codec, alarm, new)] if new.shown != old.shown else []
         if "control" in dep:
-            return self._control(pv, alarm, dep["control"], bool(dep.get("moved")), ts_ms, e)
+            ts = dep.get("ts", ts_ms)
+            if not isinstance(ts, int):
+                raise BadRecord("alarm-deps record: ts must be an integer (ms)")
+            return self._control(pv, alarm, dep["control"], ts, e)
         raise BadRecord("alarm-deps record has none of uses, control, tick")
 
     def _uses(self, pv: str, alarm: str, uses: bool, e: PVEntry) -> list[Out]:
@@ -158,15 +168,14 @@ class PVHome:
             e.rules = [a for a in e.rules if a != alarm]
         return []
 
-    def _control(self, pv: str, alarm: str, control, moved: bool, ts_ms: int, e: PVEntry) -> list[Out]:
+    def _control(self, pv: str, alarm: str, control, ts_ms: int, e: PVEntry) -> list[Out]:
         old = e.alarms.get(alarm)
         if control is None:
-            if old is None:
-                return []
-            del e.alarms[alarm]
-            # Moved: the alarm's new home publishes what it shows; a tombstone from here
-            # could overtake it. Deleted: nobody else will clear it.
-            return [] if moved or old.shown is None else [_shown_out(self.codec, alarm, AlarmState())]
+            # Not evaluated here any more: say so; the alarm's new place publishes after that.
+            e.alarms.pop(alarm, None)
+            if alarm not in e.released:
+                e.released = sorted(e.released + [alarm])
+            return [_released_out(pv, alarm)]
         try:
             defn = _def_from_tuple(tuple(control["def"]))
             shelving = Shelving(**control["shelving"]) if control["shelving"] else None
@@ -181,7 +190,13 @@ class PVHome:
         for event in (DefinitionSet(defn), ShelvingSet(shelving), ActivationSet(activation)):
             st = step(st, event, ts_ms)
         e.alarms[alarm] = st
+        if alarm in e.released:
+            e.released = [a for a in e.released if a != alarm]
         if old is None:
-            # New here (defined, or moved in): whatever an earlier home showed is overwritten.
+            # New here (defined, or moved in): whatever was shown before is overwritten.
             return [_shown_out(self.codec, alarm, st)]
         return [_shown_out(self.codec, alarm, st)] if st.shown != old.shown else []
+
+
+def _released_out(pv: str, alarm: str) -> Out:
+    return Out("alarm-inputs", alarm.encode(), _json({"released": pv}))

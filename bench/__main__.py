@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 
-FIGURES = ("flood", "latency", "restart", "fanin", "fleet")
+FIGURES = ("flood", "flood-rule", "flood-mixed", "latency", "restart", "fanin", "fleet")
 
 
 def _need(module: str, extra: str = "bench") -> None:
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="py-spy the worker during the flood "
                                                            "(bench/results/profile-flood1.txt)")
     ap.add_argument("--flood-records", type=int, help="pv-state records of the flood and fleet figures "
-                                                      "(default 30000; the issue's full size is 200000)")
+                                                      "(default 100000)")
     ap.add_argument("--restart-alarms", type=int, help="alarms and monitored PVs of the restart figure "
                                                        "(default 10000; the issue's full size is 100000)")
     args = ap.parse_args(argv)
@@ -64,6 +64,8 @@ def main(argv=None) -> int:
 
     runners = {
         "flood": lambda: flood.run_single(args.quick, args.profile),
+        "flood-rule": lambda: flood.run_single(args.quick, kind="rule"),
+        "flood-mixed": lambda: flood.run_single(args.quick, kind="mixed"),
         "latency": lambda: latency.run(args.quick, ca_port),
         "restart": lambda: restart.run(args.quick),
         "fanin": lambda: fanin.run(args.quick, ca_port),

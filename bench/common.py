@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from alarm_engine.config import Settings
+from alarm_engine.hotpath import hot_group
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -279,8 +280,10 @@ class Offsets:
         return {tp.partition: meta.offset for tp, meta in offs.items() if tp.topic == topic}
 
     async def caught_up(self, group: str, topics: list[str]) -> bool:
-        """The group has committed the end offset of every partition of these topics."""
+        """The group (or, for pv-state and alarm-deps, the hot path's group) has committed
+        the end offset of every partition of these topics."""
         offs = await self.admin.list_consumer_group_offsets(group)
+        offs.update(await self.admin.list_consumer_group_offsets(hot_group(group)))
         done = {(tp.topic, tp.partition): meta.offset for tp, meta in offs.items()}
         for topic in topics:
             for p, end in (await self.end(topic)).items():

@@ -9,8 +9,8 @@ from alarm_engine.codec import JsonReader, load_schema
 _ALARM_READER = JsonReader(load_schema("alarms-value"))
 
 
-def alarm_datum(pv: str | None = None, external: bool = False) -> dict:
-    producer = {"source": "bench"} if external else {"pv": pv}
+def alarm_datum(pv: str | None = None, external: bool = False, expression: str | None = None) -> dict:
+    producer = {"source": "bench"} if external else {"expression": expression} if expression else {"pv": pv}
     return _ALARM_READER.read({"producer": producer, "location": "Bench", "category": "Bench",
                                "priority": "P3_PRODUCTIVITY"})
 
@@ -24,6 +24,13 @@ def pv_state_datum(value: float, major: bool, now_ms: int | None = None) -> dict
 
 def alarm_records(codec, names_pvs) -> list[tuple[bytes, bytes]]:
     return [(name.encode(), codec.encode("alarms", alarm_datum(pv))) for name, pv in names_pvs]
+
+
+def rule_alarm_records(codec, names_pvs_aux) -> list[tuple[bytes, bytes]]:
+    """Rule alarms over two PVs each: true while the flood PV is high and its partner low
+    (the partner is set once, low, so every flood record flips the rule)."""
+    return [(name.encode(), codec.encode("alarms", alarm_datum(expression=f"`{pv}` > 50 and `{aux}` < 50")))
+            for name, pv, aux in names_pvs_aux]
 
 
 def monitored_records(codec, pvs) -> list[tuple[bytes, bytes]]:

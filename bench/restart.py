@@ -36,7 +36,7 @@ from bench.common import BenchError, Offsets
 from bench.data import alarm_datum, alarm_records, monitored_records
 from bench.latency import _Follower
 
-TABLES = ("monitored", "pv-latest", "pv-dependents", "alarm-state")
+TABLES = ("monitored", "pv-home", "alarm-state")
 
 
 #: Alarms (and monitored PVs) of the full run. The issue asks for 100,000; setting them up
