@@ -34,7 +34,7 @@ from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 from alarm_engine import log_probe, records
 from alarm_engine.codec import BadRecord, RegistryUnavailable, decode_key
 from alarm_engine.config import Settings
-from alarm_engine.engine import AlarmProcessor, Out, dead_letter
+from alarm_engine.engine import AlarmProcessor, Out, dead_letter, in_send_order
 from alarm_engine.faust_store import TableStore
 from alarm_engine.hotpath import HotPath
 from alarm_engine.topics import ensure_topics
@@ -680,9 +680,14 @@ async def _send_acked(o: Out) -> None:
 
 
 async def send_all(outs: list[Out]) -> None:
-    """Send and wait until Kafka has acknowledged every record.
+    """Send and wait until Kafka has acknowledged every record; handovers only once
+    everything else is (engine.Out)."""
+    for round_ in in_send_order(outs):
+        await _send_round(round_)
 
-    All at once (the producer keeps the order within each partition); if any send
+
+async def _send_round(outs: list[Out]) -> None:
+    """All at once (the producer keeps the order within each partition); if any send
     fails, everything is sent again one by one, each retried until acknowledged:
     a record sent twice is harmless on these topics, a record lost is not."""
     if not outs:

@@ -43,17 +43,32 @@ from alarm_engine.core import (
     apply_control,
     next_deadline,
     step,
+    with_input,
 )
 
 log = logging.getLogger(__name__)
 
 
 class Out(NamedTuple):
-    """A record to send: logical topic, key, encoded value (None: tombstone)."""
+    """A record to send: logical topic, key, encoded value (None: tombstone).
+
+    `handover`: the record hands the writing of an alarm's active-alarms record to
+    another place. Kafka keeps order within a partition only, so it is sent after
+    everything sent before it has been acknowledged (the shell sends a batch's
+    handovers last, in a second round): the old writer's last record is never
+    overtaken by the new writer's first."""
 
     topic: str
     key: bytes
     value: bytes | None
+    handover: bool = False
+
+
+def in_send_order(outs: list[Out]) -> list[list[Out]]:
+    """The rounds to send `outs` in, each acknowledged before the next starts."""
+    rest = [o for o in outs if not o.handover]
+    handovers = [o for o in outs if o.handover]
+    return [r for r in (rest, handovers) if r]
 
 
 def _json(obj) -> bytes:
@@ -130,9 +145,11 @@ def control_changed(old: AlarmState, new: AlarmState) -> bool:
 
 @dataclass(frozen=True)
 class Released:
-    """A PV's home has stopped evaluating the alarm (it moved away, or was deleted)."""
+    """A PV's home has stopped evaluating the alarm (it moved away, or was deleted):
+    its answer to the release numbered `move`."""
 
     pv: str
+    move: int
 
 
 def _control_out(alarm: str, st: AlarmState, ts_ms: int) -> Out:
@@ -157,7 +174,7 @@ class AlarmProcessor:
             if "tick" in msg:
                 return Tick()
             if "released" in msg:
-                return Released(msg["released"])
+                return Released(msg["released"], msg.get("move", 0))
             state = records.pv_state(msg["state"]) if msg["state"] is not None else None
             return PVUpdate(msg["pv"], state)
         datum = self.codec.decode(topic, value)
@@ -179,22 +196,32 @@ class AlarmProcessor:
         raw = self.table.get(key)
         old = state_from_json(raw)
         releasing = raw.get("releasing") if raw else None
+        move = raw.get("move", 0) if raw else 0
         out: list[Out] = []
         if isinstance(event, Released):
-            if event.pv != releasing:
+            if event.pv != releasing or event.move != move:
                 return []  # a copy sent again on a replay: the move it answers is over
             new, releasing = self._arrive(key, old, ts_ms, out), None
         elif releasing is not None or at_pv_home(old.definition):
-            if isinstance(event, (PVUpdate, Tick)):
-                return []  # sent before the alarm moved away: not evaluated here
-            new = apply_control(old, event, ts_ms)
+            if isinstance(event, PVUpdate) and releasing is not None and not at_pv_home(old.definition):
+                # Evaluated here once released: the state of a PV it now reads (the
+                # answer to its `uses`, which may overtake the release) is kept for then.
+                new = with_input(old, event)
+            elif isinstance(event, (PVUpdate, Tick)):
+                return []  # meant for the alarm before it moved to its PV's home: not evaluated here
+            else:
+                new = apply_control(old, event, ts_ms)
             if releasing is None:  # at its PV's home until now
                 pv = old.definition.pv
                 if at_pv_home(new.definition) and new.definition.pv == pv:
                     if control_changed(old, new):
                         out.append(_control_out(key, new, ts_ms))
                 else:
-                    out.append(Out("alarm-deps", pv.encode(), _json({"alarm": key, "control": None, "ts": ts_ms})))
+                    # Numbered, so that a stale answer to an earlier release (sent again
+                    # by a replay at the home) is not taken for the answer to this one.
+                    move = max(ts_ms, move + 1)
+                    out.append(Out("alarm-deps", pv.encode(),
+                                   _json({"alarm": key, "control": None, "ts": ts_ms, "move": move})))
                     releasing = pv
         elif isinstance(event, DefinitionSet) and at_pv_home(event.definition):
             new = self._arrive(key, apply_control(old, event, ts_ms), ts_ms, out)
@@ -204,12 +231,12 @@ class AlarmProcessor:
                 out.append(self._shown_out(key, new))
         if isinstance(event, DefinitionSet):
             out[:0] = self._dependency_changes(key, old.definition, new.definition)
-        if new != old or releasing != (raw or {}).get("releasing"):
+        if new != old or releasing != (raw or {}).get("releasing") or move != (raw or {}).get("move", 0):
             if is_empty(new) and releasing is None:
                 if raw is not None:
                     del self.table[key]
             else:
-                self.table[key] = {**state_to_json(new), "releasing": releasing}
+                self.table[key] = {**state_to_json(new), "releasing": releasing, "move": move}
         deadline = next_deadline(new)
         if deadline is None:
             self.deadlines.pop(key, None)
@@ -224,7 +251,7 @@ class AlarmProcessor:
         """From now on the alarm is evaluated where its definition says; that place
         publishes what it shows at once, even nothing, over whatever was shown before."""
         if at_pv_home(st.definition):
-            out.append(_control_out(key, st, ts_ms))
+            out.append(_control_out(key, st, ts_ms)._replace(handover=True))
             # Evaluated at the home: nothing of its own shown state is kept here.
             return replace(st, inputs={}, shown=None, active_since_ms=None, shelving_consumed=False)
         st = step(st, Tick(), ts_ms)

@@ -264,7 +264,10 @@ class HotPath:
         if not outs and not items:
             self._advance(seen, fences)
             return
-        changelog_offsets = await self._send(outs, items)
+        first, handovers = [o for o in outs if not o.handover], [o for o in outs if o.handover]
+        changelog_offsets = await self._send(first, items)
+        if handovers:  # after everything before them is acknowledged (engine.Out)
+            await self._send(handovers, {})
         for p, kv in items.items():
             self.store.write(p, kv, changelog_offsets.get(p))
         for p, entries in dirty.items():

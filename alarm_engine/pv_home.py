@@ -13,9 +13,11 @@ definition, shelving and activation records:
   {"alarm": A, "uses": true|false}        rule alarm A starts / stops reading the PV
   {"alarm": A, "control": {...}, "ts": T}   per-PV alarm A's definition, shelving, activation,
                                            as of the time T of the record that set them
-  {"alarm": A, "control": null, "ts": T}   A is evaluated here no more (moved, or deleted): the
-                                           home drops it and answers {"released": PV} on
-                                           alarm-inputs, after which the alarm's new place publishes
+  {"alarm": A, "control": null, "ts": T, "move": N}
+                                          A is evaluated here no more (moved, or deleted): the
+                                           home drops it and answers {"released": PV, "move": N}
+                                           on alarm-inputs, after which the alarm's new place
+                                           publishes
   {"alarm": A, "tick": T}                 re-evaluate A (a timed shelving ends)
 
 One entry per PV holds everything the home needs (`PVEntry`), so a pv-state
@@ -56,7 +58,7 @@ class PVEntry:
     latest: dict | None = None  # the last pv-state datum
     rules: list[str] = field(default_factory=list)  # rule alarms reading this PV
     alarms: dict[str, AlarmState] = field(default_factory=dict)  # per-PV alarms on this PV
-    released: list[str] = field(default_factory=list)  # alarms let go, whose answer a replay sends again
+    released: dict[str, int] = field(default_factory=dict)  # alarm let go -> its move, answered again on a replay
 
     def is_empty(self) -> bool:
         return self.latest is None and not self.rules and not self.alarms and not self.released
@@ -90,7 +92,7 @@ def decode_entry(pv: str, raw: bytes | None) -> PVEntry:
     for name, a in j["alarms"].items():
         alarms[name] = state_from_json({**a, "inputs": {pv: latest} if latest is not None else {}})
     return PVEntry(offsets=j["o"], latest=latest, rules=list(j["rules"]), alarms=alarms,
-                   released=list(j.get("released", ())))
+                   released=dict(j.get("released", {})))
 
 
 def _shown_out(codec: Codec, name: str, st: AlarmState) -> Out:
@@ -117,7 +119,7 @@ class PVHome:
         out = [_shown_out(self.codec, name, st) for name, st in sorted(e.alarms.items())]
         msg = _json({"pv": pv, "state": e.latest})
         out += [Out("alarm-inputs", a.encode(), msg) for a in e.rules]
-        out += [_released_out(pv, a) for a in e.released]
+        out += [_released_out(pv, a, m) for a, m in sorted(e.released.items())]
         return out
 
     def _pv_state(self, pv: str, value: bytes | None, ts_ms: int, e: PVEntry) -> list[Out]:
@@ -155,7 +157,10 @@ class PVHome:
             ts = dep.get("ts", ts_ms)
             if not isinstance(ts, int):
                 raise BadRecord("alarm-deps record: ts must be an integer (ms)")
-            return self._control(pv, alarm, dep["control"], ts, e)
+            move = dep.get("move", 0)
+            if not isinstance(move, int):
+                raise BadRecord("alarm-deps record: move must be an integer")
+            return self._control(pv, alarm, dep["control"], ts, move, e)
         raise BadRecord("alarm-deps record has none of uses, control, tick")
 
     def _uses(self, pv: str, alarm: str, uses: bool, e: PVEntry) -> list[Out]:
@@ -168,14 +173,13 @@ class PVHome:
             e.rules = [a for a in e.rules if a != alarm]
         return []
 
-    def _control(self, pv: str, alarm: str, control, ts_ms: int, e: PVEntry) -> list[Out]:
+    def _control(self, pv: str, alarm: str, control, ts_ms: int, move: int, e: PVEntry) -> list[Out]:
         old = e.alarms.get(alarm)
         if control is None:
             # Not evaluated here any more: say so; the alarm's new place publishes after that.
             e.alarms.pop(alarm, None)
-            if alarm not in e.released:
-                e.released = sorted(e.released + [alarm])
-            return [_released_out(pv, alarm)]
+            e.released[alarm] = move
+            return [_released_out(pv, alarm, move)]
         try:
             defn = _def_from_tuple(tuple(control["def"]))
             shelving = Shelving(**control["shelving"]) if control["shelving"] else None
@@ -190,13 +194,12 @@ class PVHome:
         for event in (DefinitionSet(defn), ShelvingSet(shelving), ActivationSet(activation)):
             st = step(st, event, ts_ms)
         e.alarms[alarm] = st
-        if alarm in e.released:
-            e.released = [a for a in e.released if a != alarm]
+        e.released.pop(alarm, None)
         if old is None:
             # New here (defined, or moved in): whatever was shown before is overwritten.
             return [_shown_out(self.codec, alarm, st)]
         return [_shown_out(self.codec, alarm, st)] if st.shown != old.shown else []
 
 
-def _released_out(pv: str, alarm: str) -> Out:
-    return Out("alarm-inputs", alarm.encode(), _json({"released": pv}))
+def _released_out(pv: str, alarm: str, move: int) -> Out:
+    return Out("alarm-inputs", alarm.encode(), _json({"released": pv, "move": move}), handover=True)

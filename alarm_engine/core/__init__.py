@@ -20,6 +20,7 @@ from alarm_engine.core.alarm import (
     next_deadline,
     shelving_in_force,
     step,
+    with_input,
 )
 from alarm_engine.core.model import (
     PRIORITIES,
@@ -57,4 +58,5 @@ __all__ = [
     "parse",
     "shelving_in_force",
     "step",
+    "with_input",
 ]

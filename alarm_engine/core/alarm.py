@@ -270,6 +270,12 @@ def apply_control(state: AlarmState, event: Event, now_ms: int) -> AlarmState:
     return _apply(state, event, now_ms)
 
 
+def with_input(state: AlarmState, event: PVUpdate) -> AlarmState:
+    """Record a PV's state without evaluating: for an alarm about to be evaluated
+    here, whose evaluation (a `step`) comes later."""
+    return _apply(state, event, 0)
+
+
 def step(state: AlarmState, event: Event, now_ms: int) -> AlarmState:
     """Apply one event at time now_ms (non-decreasing across calls)."""
     return _settle(_apply(state, event, now_ms), now_ms)

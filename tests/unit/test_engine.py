@@ -182,6 +182,25 @@ def test_an_alarm_redefined_from_pv_to_rule_and_back_moves_between_homes(h):
     assert h.active["A"]["cause"] == "PV_ALARM"
 
 
+def test_a_pv_alarm_redefined_as_a_rule_sees_its_pvs_at_once(h):
+    # The rule's PVs answer its `uses` with their state while the alarm is still being
+    # released by its old home: that state must not be lost on the way.
+    alarm(h, "A", pv="T:1")
+    h.pv("T:1", severity="MAJOR")
+    h.pv("X", value=5.0, severity="MINOR")
+    alarm(h, "A", expression="`X` > 1")
+    assert h.active["A"]["cause"] == "RULE"
+    h.pv("X", value=0.0, ts=T0 + 1)
+    assert "A" not in h.active
+
+
+def test_a_pv_alarm_redefined_as_a_rule_over_a_disconnected_pv_shows_it(h):
+    alarm(h, "A", pv="T:1")
+    h.pv("X", connection="DISCONNECTED", severity="INVALID", value=None)
+    alarm(h, "A", expression="`X` > 1")
+    assert h.active["A"]["severity"] == "INVALID" and "X" in h.active["A"]["message"]
+
+
 def test_a_replayed_record_sends_the_current_outputs_again(h):
     alarm(h, "A", pv="T:1")
     alarm(h, "R", expression="`T:1` > 1")
