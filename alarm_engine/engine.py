@@ -65,10 +65,15 @@ class Out(NamedTuple):
 
 
 def in_send_order(outs: list[Out]) -> list[list[Out]]:
-    """The rounds to send `outs` in, each acknowledged before the next starts."""
-    rest = [o for o in outs if not o.handover]
-    handovers = [o for o in outs if o.handover]
-    return [r for r in (rest, handovers) if r]
+    """The rounds to send `outs` in, each acknowledged before the next starts: a new
+    round before each handover. The order of `outs` is kept (within a round the
+    producer keeps it per partition)."""
+    rounds: list[list[Out]] = [[]]
+    for o in outs:
+        if o.handover and rounds[-1]:
+            rounds.append([])
+        rounds[-1].append(o)
+    return [r for r in rounds if r]
 
 
 def _json(obj) -> bytes:

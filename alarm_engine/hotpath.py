@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from alarm_engine.codec import BadRecord, RegistryUnavailable, decode_key
 from alarm_engine.config import Settings
-from alarm_engine.engine import Out, dead_letter
+from alarm_engine.engine import Out, dead_letter, in_send_order
 from alarm_engine.faust_store import TableStore
 from alarm_engine.pv_home import PVEntry, PVHome, decode_entry, encode_entry
 
@@ -264,10 +264,12 @@ class HotPath:
         if not outs and not items:
             self._advance(seen, fences)
             return
-        first, handovers = [o for o in outs if not o.handover], [o for o in outs if o.handover]
-        changelog_offsets = await self._send(first, items)
-        if handovers:  # after everything before them is acknowledged (engine.Out)
-            await self._send(handovers, {})
+        # The entries go with the first round; a handover only once everything before it
+        # is acknowledged (engine.Out).
+        rounds = in_send_order(outs) or [[]]
+        changelog_offsets = await self._send(rounds[0], items)
+        for round_ in rounds[1:]:
+            await self._send(round_, {})
         for p, kv in items.items():
             self.store.write(p, kv, changelog_offsets.get(p))
         for p, entries in dirty.items():

@@ -257,3 +257,14 @@ def test_a_dead_letter_of_a_record_near_the_size_limit_stays_under_it(codec):
                                 f"bytes; the whole record is alarms[2]@17)")
     small = codec.decode("dead-letters", dead_letter(codec, "alarms", 0, 1, b"k", b"v", "bad", 0).value)
     assert (small["key"], small["value"], small["reason"]) == (b"k", b"v", "bad")
+
+
+def test_handovers_are_sent_after_everything_before_them_and_order_is_kept():
+    from alarm_engine.engine import Out, in_send_order
+
+    a, b, c = (Out("alarm-deps", b"P", bytes([i])) for i in range(3))
+    h1 = Out("alarm-deps", b"P", b"h1", handover=True)
+    h2 = Out("alarm-inputs", b"A", b"h2", handover=True)
+    assert in_send_order([a, h1, b, c, h2]) == [[a], [h1, b, c], [h2]]
+    assert in_send_order([h1, a]) == [[h1, a]]
+    assert in_send_order([]) == []
