@@ -1,4 +1,4 @@
-"""python -m bench [--only NAME] [--quick] [--profile]: the five figures of issue 4.
+"""python -m bench [--only NAME] [--quick] [--profile]: the engine's figures, each with a same-run baseline.
 
 Needs a running stack (BOOTSTRAP_SERVERS, SCHEMA_REGISTRY); `make bench`
 starts one on ports 29092/29093/28181 and stops it afterwards. Prints one
@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 
-FIGURES = ("flood", "flood-rule", "flood-mixed", "latency", "restart", "fanin", "fleet")
+FIGURES = ("flood", "flood-rule", "flood-mixed", "latency", "restart", "fanin", "fleet", "idle")
 
 
 def _need(module: str, extra: str = "bench") -> None:
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--flood-records", type=int, help="pv-state records of the flood and fleet figures "
                                                       "(default 100000)")
     ap.add_argument("--restart-alarms", type=int, help="alarms and monitored PVs of the restart figure "
-                                                       "(default 10000; the issue's full size is 100000)")
+                                                       "(default 100000)")
     args = ap.parse_args(argv)
     _need("matplotlib")
     _need("softioc", "ioc")
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     os.environ["EPICS_CA_AUTO_ADDR_LIST"] = "NO"
     os.environ["BENCH_CA_PORT"] = str(ca_port)
 
-    from bench import fanin, flood, latency, restart
+    from bench import fanin, flood, idle, latency, restart
 
     if args.flood_records:
         flood.FLOOD_RECORDS = args.flood_records
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
         "restart": lambda: restart.run(args.quick),
         "fanin": lambda: fanin.run(args.quick, ca_port),
         "fleet": lambda: flood.run_fleet(args.quick),
+        "idle": lambda: idle.run(args.quick, ca_port),
     }
     wanted = args.only or list(FIGURES)
     results, failed = [], []

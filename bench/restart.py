@@ -42,7 +42,7 @@ TABLES = ("monitored", "pv-home", "alarm-state")
 #: Alarms (and monitored PVs) of the full run. The issue asks for 100,000; setting them up
 #: takes the engine about 6-10 minutes on the shared 2-core machine, so the default keeps
 #: `make bench` under 15 minutes (BENCH_ARGS="--restart-alarms 100000" for the full size).
-ALARMS = 10_000
+ALARMS = 100_000
 
 
 def scale(quick: bool) -> int:
@@ -150,8 +150,8 @@ def run(quick: bool) -> dict:
     group = common.app_group(s)
     base_s, base_n = asyncio.run(_read_all(s, [f"{group}-{t}-changelog" for t in TABLES]))
     peak = max(x for x in rss if x) / 1024
-    met = cold_s <= 60 and warm_s <= 10 and peak <= 1024
+    met = cold_s <= 30 and warm_s <= 5 and peak <= 1024
     return {"name": "restart", "value": round(cold_s, 2), "unit": "s(cold)", "baseline": round(base_s, 2),
-            "ratio": round(cold_s / base_s, 2), "target": "cold <= 60 s, warm <= 10 s, RSS <= 1 GiB", "met": met,
+            "ratio": round(cold_s / base_s, 2), "target": "cold <= 30 s, warm <= 5 s, RSS <= 1 GiB", "met": met,
             "extra": {"warm_s": round(warm_s, 2), "peak_rss_mib": round(peak), "alarms": n, "monitored_pvs": n,
                       "changelog_records": base_n, "setup_s": round(setup_s, 1)}}
