@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     if name == "app":
-        from alarm_engine.agents import app
+        from alarm_engine.worker import app
 
         return app
     raise AttributeError(f"module 'alarm_engine' has no attribute {name!r}")

@@ -1,20 +1,17 @@
-"""The engine's record handling, free of Faust: tables are plain mappings.
+"""The engine's alarm-keyed record handling, free of Faust: tables are plain mappings.
 
-Two processors sit between the topics and the pure core:
+`AlarmProcessor` (partitioned by alarm) keeps each alarm's definition, shelving
+and activation. Rule and external alarms are evaluated here: stepped with every
+control record, PV input (`alarm-inputs`, from the PVs' homes) and timer tick,
+publishing `active-alarms` when what is shown changes, and telling the PVs'
+homes which alarms read them (`alarm-deps`, keyed by PV). A per-PV alarm is
+evaluated at its PV's home (pv_home.py), in one hop from pv-state; this side
+forwards its control records there, and hands it over when it moves
+(see `AlarmProcessor.handle`).
 
-- `Router` (partitioned by PV): keeps each PV's latest state and the alarms
-  that depend on it, and forwards PV states to those alarms on the internal
-  `alarm-inputs` topic, keyed by alarm. This repartition is what lets a rule
-  over several PVs be evaluated in one place whichever workers own the PVs.
-- `AlarmProcessor` (partitioned by alarm): keeps each alarm's core state,
-  steps it with every definition, shelving, activation, PV input and timer
-  tick, publishes `active-alarms` when what is shown changes, and tells the
-  router which PVs the alarm depends on (internal `alarm-deps`, keyed by PV).
-
-Both return the records to send instead of sending them, so they are tested
-with dicts, and the Faust agents in agents.py only move bytes.
-Time is each record's timestamp, so replaying the same records gives the
-same results.
+Processors return the records to send instead of sending them, so they are
+tested with dicts; the worker package only moves bytes. Time is each record's
+timestamp, so replaying the same records gives the same results.
 """
 
 from __future__ import annotations

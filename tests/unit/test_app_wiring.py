@@ -19,7 +19,7 @@ def test_faust_lists_every_table_with_its_help():
 
 def test_every_agent_runs_with_concurrency_one():
     # faust-streaming #606: concurrency > 1 loses offsets.
-    from alarm_engine.agents import app
+    from alarm_engine.worker import app
 
     agents = list(app.agents.values())
     assert {a.name.rsplit(".", 1)[-1] for a in agents} == {"monitored_agent", "alarm_agent"}
@@ -33,7 +33,7 @@ class _Msg:
 def _run_guarded(monkeypatch, outages: int, retry_s: float):
     import asyncio
 
-    from alarm_engine import agents
+    from alarm_engine.worker import batches
     from alarm_engine.codec import RegistryUnavailable
 
     rejected, calls = [], []
@@ -51,10 +51,10 @@ def _run_guarded(monkeypatch, outages: int, retry_s: float):
     async def no_wait(delay):
         pass
 
-    monkeypatch.setattr(agents, "rejected", reject)
-    monkeypatch.setattr(agents, "REGISTRY_RETRY_S", retry_s)
-    monkeypatch.setattr(agents.asyncio, "sleep", no_wait)
-    outs = asyncio.run(agents.outputs_of(_Msg(), compute))
+    monkeypatch.setattr(batches, "rejected", reject)
+    monkeypatch.setattr(batches, "REGISTRY_RETRY_S", retry_s)
+    monkeypatch.setattr(batches.asyncio, "sleep", no_wait)
+    outs = asyncio.run(batches.outputs_of(_Msg(), compute))
     return len(calls), rejected, outs
 
 
@@ -70,7 +70,7 @@ def test_a_registry_outage_beyond_the_retry_time_dead_letters_with_the_reason(mo
 
 
 def test_table_writes_reach_the_table_only_when_the_batch_commits():
-    from alarm_engine.agents import _StrKeyed
+    from alarm_engine.worker.batches import TableView as _StrKeyed
 
     table = {b"old": 1, b"gone": 2}
     view = _StrKeyed(table)
@@ -95,18 +95,18 @@ def test_each_record_of_a_batch_is_the_event_in_progress_while_it_is_handled():
 
     from faust.streams import current_event
 
-    from alarm_engine import agents
+    from alarm_engine.worker import batches
 
     Event = _Event
-    batches = [[Event(0, 1), Event(2, 7)], [Event(1, 3)]]
-    stream = _Stream(batches)
+    inputs = [[Event(0, 1), Event(2, 7)], [Event(1, 3)]]
+    stream = _Stream(inputs)
     seen = []
 
     def compute(topic, key, value, msg):
         seen.append((current_event() and current_event().message.partition, msg.partition))
         return []
 
-    asyncio.run(agents.handle_batches(stream, compute, (agents._StrKeyed({}),)))
+    asyncio.run(batches.handle_batches(stream, compute, (batches.TableView({}),)))
     assert seen == [(0, 0), (2, 2), (1, 1)]
     assert current_event() is None
     assert stream.acked == [(0, 1), (2, 7), (1, 3)]
@@ -116,9 +116,9 @@ class _Message:
     def __init__(self, partition, offset):
         from faust.types import TP
 
-        from alarm_engine import agents
+        from alarm_engine.worker import batches
 
-        self.topic, self.partition, self.offset = next(iter(agents.LOGICAL)), partition, offset
+        self.topic, self.partition, self.offset = next(iter(batches.LOGICAL)), partition, offset
         self.key, self.value, self.timestamp = b"k", b"v", 0.0
         self.tp, self.generation_id = TP(self.topic, partition), 1
 
@@ -133,11 +133,11 @@ class _Stream:
     Each partition starts at its first offset in the batches (its committed offset)."""
 
     def __init__(self, batches):
-        from alarm_engine import agents
+        from alarm_engine.worker.app import app
 
         self.batches = batches
         self.acked = []
-        consumer = agents.app.consumer
+        consumer = app.consumer
         consumer._committed_offset.clear()
         for batch in reversed(batches):
             for event in reversed(batch):
@@ -148,9 +148,9 @@ class _Stream:
             yield batch
 
     async def ack(self, event):
-        from alarm_engine import agents
+        from alarm_engine.worker import faust_internals
 
-        assert agents._acking_handled
+        assert faust_internals._acking.on
         self.acked.append((event.message.partition, event.message.offset))
         return True
 
@@ -162,11 +162,11 @@ def test_an_interrupted_batch_acknowledges_none_of_its_records():
 
     import pytest
 
-    from alarm_engine import agents
+    from alarm_engine.worker import batches
 
     stream = _Stream([[_Event(0, 1), _Event(0, 2)], [_Event(0, 3), _Event(0, 4)]])
     view_table = {}
-    view = agents._StrKeyed(view_table)
+    view = batches.TableView(view_table)
 
     def compute(topic, key, value, msg):
         view[f"k{msg.offset}"] = msg.offset
@@ -175,10 +175,10 @@ def test_an_interrupted_batch_acknowledges_none_of_its_records():
         return []
 
     with pytest.raises(asyncio.CancelledError):
-        asyncio.run(agents.handle_batches(stream, compute, (view,)))
+        asyncio.run(batches.handle_batches(stream, compute, (view,)))
     assert stream.acked == [(0, 1), (0, 2)]
     # the second batch's writes are dropped with it, its fence too
-    assert view_table == {b"k1": 1, b"k2": 2, b"\x00applied:0": {next(iter(agents.LOGICAL)): 2}}
+    assert view_table == {b"k1": 1, b"k2": 2, b"\x00applied:0": {next(iter(batches.LOGICAL)): 2}}
 
 
 def test_a_record_applied_already_is_acknowledged_and_not_applied_again():
@@ -186,9 +186,9 @@ def test_a_record_applied_already_is_acknowledged_and_not_applied_again():
     # applying offset 1 after offset 2 of the same partition would undo offset 2.
     import asyncio
 
-    from alarm_engine import agents
+    from alarm_engine.worker import batches
 
-    topic = next(iter(agents.LOGICAL))
+    topic = next(iter(batches.LOGICAL))
     writes = []
 
     class Table(dict):
@@ -196,7 +196,7 @@ def test_a_record_applied_already_is_acknowledged_and_not_applied_again():
             writes.append(k)
             super().__setitem__(k, v)
 
-    view = agents._StrKeyed(Table())
+    view = batches.TableView(Table())
     stream = _Stream([[_Event(0, 1), _Event(0, 2), _Event(1, 5)], [_Event(0, 1)], [_Event(0, 2), _Event(0, 3)],
                       [_Event(1, 5), _Event(1, 6)]])
     applied = []
@@ -206,7 +206,7 @@ def test_a_record_applied_already_is_acknowledged_and_not_applied_again():
         view[f"state{msg.partition}"] = msg.offset
         return []
 
-    asyncio.run(agents.handle_batches(stream, compute, (view,)))
+    asyncio.run(batches.handle_batches(stream, compute, (view,)))
     assert applied == [(0, 1), (0, 2), (1, 5), (0, 3), (1, 6)]
     assert stream.acked == [(0, 1), (0, 2), (1, 5), (0, 1), (0, 2), (0, 3), (1, 5), (1, 6)]
     assert view.t == {b"state0": 3, b"state1": 6,
@@ -220,20 +220,21 @@ def test_the_consumer_acknowledges_input_records_only_for_the_agent_that_handled
     # Faust acknowledges records it skips during a rebalance; a commit must not pass them.
     from faust.types import TP, Message
 
-    from alarm_engine import agents
+    from alarm_engine.worker import batches
 
     def message(topic):
         return Message(topic, 0, 5, 0.0, 0, None, b"k", b"v", None, tp=TP(topic, 0))
 
-    consumer = agents.app.consumer  # created, not started
-    skipped, handled, other = message(next(iter(agents.LOGICAL))), message(next(iter(agents.LOGICAL))), message("x")
+    consumer = batches.app.consumer  # created, not started
+    skipped, handled, other = message(next(iter(batches.LOGICAL))), message(next(iter(batches.LOGICAL))), message("x")
     consumer.ack(skipped)
     consumer.ack(other)  # not an input topic of the agents: Faust's rules
-    agents._acking_handled = True
+    from alarm_engine.worker import faust_internals
+    faust_internals._acking.on = True
     try:
         consumer.ack(handled)
     finally:
-        agents._acking_handled = False
+        faust_internals._acking.on = False
     assert (skipped.acked, handled.acked, other.acked) == (False, True, True)
 
 
@@ -245,9 +246,9 @@ def test_records_fetched_before_a_seek_of_their_partition_are_not_handled(monkey
 
     from faust.types import TP
 
-    from alarm_engine import agents
+    from alarm_engine.worker import batches
 
-    topic = next(iter(agents.LOGICAL))
+    topic = next(iter(batches.LOGICAL))
     tp0, tp1 = TP(topic, 0), TP(topic, 1)
     fetched = [(tp0, 10), (tp0, 11), (tp1, 20), (tp0, 12)]
     consumer, seeks = _faust_consumer(monkeypatch, lambda: fetched)
@@ -274,9 +275,9 @@ def test_records_arriving_while_a_seek_is_under_way_are_read_again(monkeypatch):
 
     from faust.types import TP
 
-    from alarm_engine import agents
+    from alarm_engine.worker import batches
 
-    topic = next(iter(agents.LOGICAL))
+    topic = next(iter(batches.LOGICAL))
     tp = TP(topic, 2)
     consumer, seeks = _faust_consumer(monkeypatch, lambda: [(tp, 40)])
 
@@ -293,17 +294,17 @@ def test_records_arriving_while_a_seek_is_under_way_are_read_again(monkeypatch):
 def test_a_stale_record_is_neither_handled_nor_acknowledged():
     import asyncio
 
-    from alarm_engine import agents
+    from alarm_engine.worker import batches
 
-    consumer = agents.app.consumer
+    consumer = batches.app.consumer
     old, fresh = _Event(2, 30), _Event(2, 31)
     consumer._handed[old.message] = consumer._epoch[old.message.tp]
     consumer._epoch[old.message.tp] += 1  # then its partition was seeked
     stream = _Stream([[old, fresh]])
     consumer._committed_offset[fresh.message.tp] = 31  # the seek that made `old` stale
     applied = []
-    asyncio.run(agents.handle_batches(stream, lambda t, k, v, msg: applied.append(msg.offset) or [],
-                                      (agents._StrKeyed({}),)))
+    asyncio.run(batches.handle_batches(stream, lambda t, k, v, msg: applied.append(msg.offset) or [],
+                                      (batches.TableView({}),)))
     assert applied == [31] and stream.acked == [(2, 31)]
 
 
@@ -320,7 +321,7 @@ def test_records_lost_on_their_way_to_the_agent_are_read_again_holes_are_passed(
     # first missing one; a hole in the log is passed, and the commit moves over it.
     import asyncio
 
-    from alarm_engine import agents
+    from alarm_engine.worker import batches
 
     consumer, seeks = _faust_consumer(monkeypatch, lambda: [])
     probes = []
@@ -332,8 +333,8 @@ def test_records_lost_on_their_way_to_the_agent_are_read_again_holes_are_passed(
 
     consumer._probe = Log()
     # 6 lost on its way, read again after the seek back; then 7 and 8 are a hole.
-    batches = [[_Event(0, 5), _Event(0, 9)], [_Event(0, 6), _Event(0, 9), _Event(0, 10), _Event(0, 12)]]
-    tp = batches[0][0].message.tp
+    inputs = [[_Event(0, 5), _Event(0, 9)], [_Event(0, 6), _Event(0, 9), _Event(0, 10), _Event(0, 12)]]
+    tp = inputs[0][0].message.tp
 
     class Fresh(_Stream):  # each batch is read after the seek the one before made
         async def noack_take(self, max_, within):
@@ -342,14 +343,14 @@ def test_records_lost_on_their_way_to_the_agent_are_read_again_holes_are_passed(
                     consumer._handed[event.message] = consumer._epoch[tp]
                 yield batch
 
-    stream = Fresh(batches)
+    stream = Fresh(inputs)
     applied = []
 
     def compute(topic, key, value, msg):
         applied.append(msg.offset)
         return []
 
-    asyncio.run(agents.handle_batches(stream, compute, (agents._StrKeyed({}),)))
+    asyncio.run(batches.handle_batches(stream, compute, (batches.TableView({}),)))
     assert applied == [5, 6, 9, 10, 12]
     assert seeks == [(0, 6)] and probes == [(6, 9)]  # the first probe told about 7..8 and 11 too
     assert consumer._holes[tp] == {7: 9, 11: 12}
@@ -361,8 +362,6 @@ def test_records_lost_on_their_way_to_the_agent_are_read_again_holes_are_passed(
 
 def test_a_jump_kafka_cannot_be_asked_about_is_read_again(monkeypatch):
     import asyncio
-
-    from alarm_engine import agents
 
     consumer, seeks = _faust_consumer(monkeypatch, lambda: [])
 
@@ -382,10 +381,10 @@ def test_records_lost_on_their_way_in_a_quiet_partition_are_read_again(monkeypat
 
     from faust.types import TP
 
-    from alarm_engine import agents
+    from alarm_engine.worker import batches
 
     consumer, seeks = _faust_consumer(monkeypatch, lambda: [])
-    tp = TP(next(iter(agents.LOGICAL)), 1)
+    tp = TP(next(iter(batches.LOGICAL)), 1)
     monkeypatch.setattr(type(consumer), "assignment", lambda self: {tp, TP("other", 1)})
     consumer._committed_offset[tp], consumer._expect[tp] = 40, 43  # 40..42 handed over
 
@@ -419,10 +418,10 @@ def test_an_offset_is_committed_only_over_handled_records_and_holes_in_the_log()
     # offset: a record lost there was committed as if handled.
     from faust.types import TP
 
-    from alarm_engine import agents
+    from alarm_engine.worker import batches
 
-    consumer = agents.app.consumer
-    tp = TP(next(iter(agents.LOGICAL)), 1)
+    consumer = batches.app.consumer
+    tp = TP(next(iter(batches.LOGICAL)), 1)
     consumer._committed_offset[tp] = 100
     consumer._acked[tp][:] = [102, 101, 104]
     assert consumer._new_offset(tp) is None  # 100 not handled
@@ -440,7 +439,7 @@ def _faust_consumer(monkeypatch, fetch):
     from faust.transport.drivers.aiokafka import Transport
     from faust.types import Message
 
-    from alarm_engine import agents
+    from alarm_engine.worker import batches
 
     seeks = []
 
@@ -454,7 +453,7 @@ def _faust_consumer(monkeypatch, fetch):
 
     monkeypatch.setattr(Transport.Consumer, "getmany", getmany)
     monkeypatch.setattr(Transport.Consumer, "seek", seek)
-    consumer = agents.app.consumer
+    consumer = batches.app.consumer
     for state in (consumer._expect, consumer._holes, consumer._acked, consumer._stalled,
                   consumer._unacked_messages, consumer._committed_offset):
         state.clear()

@@ -35,8 +35,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from alarm_engine.codec import BadRecord, RegistryUnavailable, decode_key
 from alarm_engine.config import Settings
 from alarm_engine.engine import Out, dead_letter, in_send_order
-from alarm_engine.faust_store import TableStore
 from alarm_engine.pv_home import PVEntry, PVHome, decode_entry, encode_entry
+from alarm_engine.worker.app import APP_ID, app, codec, pv_home, settings
+from alarm_engine.worker.exits import EXIT_SEND_FAILED, REGISTRY_RETRY_S, SEND_RETRY_S, fatal
+from alarm_engine.worker.faust_internals import TableStore
 
 log = logging.getLogger("alarm_engine")
 
@@ -47,9 +49,6 @@ BATCH_MAX = int(os.environ.get("ALARM_ENGINE_HOT_BATCH_MAX", "5000"))
 # A record that arrives is returned by the broker at once (fetch.min.bytes 1); the
 # wait only bounds an idle fetch, so it can be long: an idle worker does ~2 fetches/s.
 FETCH_MAX_WAIT_MS = 500
-SEND_RETRY_S = float(os.environ.get("ALARM_ENGINE_SEND_RETRY_S", "300"))
-REGISTRY_RETRY_S = float(os.environ.get("ALARM_ENGINE_REGISTRY_RETRY_S", "300"))
-EXIT_SEND_FAILED = 75  # EX_TEMPFAIL
 TRACE = os.environ.get("ALARM_ENGINE_TRACE", "") in ("1", "true", "yes")
 
 
@@ -313,10 +312,9 @@ class HotPath:
                 raise
             except Exception as e:
                 if time.monotonic() + delay > deadline:
-                    log.critical("could not send for %.0fs (%s: %s): exiting so that the worker restarts "
-                                 "and replays from its fences", SEND_RETRY_S, e.__class__.__name__, e)
-                    logging.shutdown()
-                    os._exit(EXIT_SEND_FAILED)
+                    fatal("could not send for %.0fs (%s: %s): exiting so that the worker restarts "
+                          "and replays from its fences", SEND_RETRY_S, e.__class__.__name__, e,
+                          code=EXIT_SEND_FAILED)
                 log.warning("sending a batch failed (%s: %s); sending it again in %.1fs",
                             e.__class__.__name__, e, delay)
                 await asyncio.sleep(delay)
@@ -340,3 +338,40 @@ class HotPath:
             for p, kv in items.items():
                 self.store.write(p, kv, offsets.get(p))
             self.fenced.update(stale)
+
+
+# --- in the worker ------------------------------------------------------------------
+
+hot = HotPath(settings, APP_ID, TableStore(pv_home), codec,
+              {settings.topic(t): t for t in ("pv-state", "alarm-deps")})
+
+
+@app.task
+async def _hot_path() -> None:
+    """pv-state and alarm-deps (keyed by PV) -> active-alarms of per-PV alarms, alarm-inputs of rule alarms."""
+    try:
+        await hot.start()
+        await hot.run()
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        # The hot path is the engine: a worker without it must not look alive.
+        fatal("the hot path failed: exiting so that the worker restarts", exc_info=True)
+
+
+@pv_home.on_recover
+async def _assign_hot_path() -> None:
+    actives = {tp.partition for tp in app.assignor.assigned_actives()
+               if tp.topic == settings.topic("monitored-pvs")}
+    await hot.assign(actives)
+
+
+
+async def _before_revoke(revoked) -> None:
+    # Faust's own handler then closes the tables' stores of the revoked partitions:
+    # the hot path finishes its batch and lets go before that.
+    if hot.consumer is not None:
+        await hot.revoke()
+
+
+app.before_revoke.append(_before_revoke)

@@ -1,0 +1,26 @@
+"""The worker: the Faust app and what runs in it. `faust -A alarm_engine worker`.
+
+Data flow (each arrow a topic; tables in brackets; the module that does it):
+
+  monitored-pvs --> monitored_agent [monitored] --CA--> pv-state             bridge.py
+  pv-state, alarm-deps --> hot path [pv-home] --> active-alarms (per-PV alarms)
+                                              --> alarm-inputs (rule alarms)  hotpath.py
+  alarms, shelved-alarms, alarm-activations, alarm-inputs
+      --> alarm_agent [alarm-state] --> active-alarms (rule, external alarms)
+                                    --> alarm-deps (to the PVs' homes)        alarms.py
+
+Every topic has the same partition count so that Faust assigns the same partition
+numbers of the PV-keyed topics (and of the alarm-keyed topics) to the same worker.
+The control topics are read by Faust agents (batches.py: per batch one
+acknowledgement wait, then table writes, then input fences); the hot path reads
+pv-state and alarm-deps in raw batches of thousands with its own consumer, on the
+partitions Faust assigned. The logic lives in engine.py, pv_home.py and core/; this
+package moves bytes. app.py: the app, topics and tables; faust_internals.py: all that
+leans on Faust's private parts; exits.py: how the worker gives up. docs/design.md
+has the picture and the correctness argument.
+"""
+
+from alarm_engine.worker import alarms, bridge, hotpath  # noqa: F401  (register agents, tasks, timers)
+from alarm_engine.worker.app import app
+
+__all__ = ["app"]
