@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from typing import MutableMapping, NamedTuple
 
@@ -93,10 +93,23 @@ def _def_from_tuple(t: tuple) -> AlarmDef:
     return AlarmDef(name, kind, pv, expression, priority, Severity(sev), *meta)
 
 
-def state_to_json(s: AlarmState) -> dict:
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def asdict(obj) -> dict:
+    """A flat dataclass (Shelving, Activation, Shown) as a dict: `dataclasses.asdict`
+    without its recursive deep copy, which dominated the encoding of a state."""
+    names = _FIELD_NAMES.get(type(obj))
+    if names is None:
+        names = _FIELD_NAMES[type(obj)] = tuple(f.name for f in fields(obj))
+    return {n: getattr(obj, n) for n in names}
+
+
+def state_to_json(s: AlarmState, inputs: bool = True) -> dict:
+    """`inputs=False`: without the PV inputs (kept elsewhere by the caller)."""
     return {
         "def": _def_to_json(s.definition),
-        "inputs": {pv: records.pv_state_datum(st) for pv, st in s.inputs.items()},
+        "inputs": {pv: records.pv_state_datum(st) for pv, st in s.inputs.items()} if inputs else None,
         "shelving": asdict(s.shelving) if s.shelving else None,
         "consumed": s.shelving_consumed,
         "activation": asdict(s.activation) if s.activation else None,

@@ -75,8 +75,8 @@ class PVEntry:
 def encode_entry(e: PVEntry) -> bytes:
     alarms = {}
     for name, st in e.alarms.items():
-        j = state_to_json(st)
-        del j["inputs"]  # the PV's own state: `latest`, not a second copy
+        j = state_to_json(st, inputs=False)  # the PV's own state is `latest`, not a second copy
+        del j["inputs"]
         alarms[name] = j
     return json.dumps({"o": e.offsets, "latest": e.latest, "rules": e.rules, "alarms": alarms,
                        "released": e.released},
