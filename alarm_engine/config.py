@@ -114,3 +114,9 @@ class Settings:
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def hot_group(app_id: str) -> str:
+    """The consumer group the worker's hot path commits its positions to: not its
+    source of truth (the fences in its changelog are), but where lag tools read them."""
+    return f"{app_id}-hotpath"

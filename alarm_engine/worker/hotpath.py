@@ -33,7 +33,7 @@ import time
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from alarm_engine.codec import BadRecord, RegistryUnavailable, decode_key
-from alarm_engine.config import Settings
+from alarm_engine.config import Settings, hot_group
 from alarm_engine.engine import Out, dead_letter, in_send_order
 from alarm_engine.pv_home import PVEntry, PVHome, decode_entry, encode_entry
 from alarm_engine.worker.app import APP_ID, app, codec, pv_home, settings
@@ -50,12 +50,6 @@ BATCH_MAX = int(os.environ.get("ALARM_ENGINE_HOT_BATCH_MAX", "5000"))
 # wait only bounds an idle fetch, so it can be long: an idle worker does ~2 fetches/s.
 FETCH_MAX_WAIT_MS = 500
 TRACE = os.environ.get("ALARM_ENGINE_TRACE", "") in ("1", "true", "yes")
-
-
-def hot_group(app_id: str) -> str:
-    """The consumer group the hot path commits its positions to: not its source of
-    truth (the fences are), but where lag tools and the tests read them."""
-    return f"{app_id}-hotpath"
 
 
 def fence_key(partition: int) -> bytes:
