@@ -88,6 +88,17 @@ class JsonReader:
     def read(self, obj: Any) -> dict:
         return self._convert(self.schema, obj, "value")
 
+    def read_field(self, name: str, obj: Any, path: str) -> Any:
+        """One field of the top-level record, checked as `read` checks it (the
+        facility file reports every bad field, not only the first)."""
+        field = next(f for f in self.schema["fields"] if f["name"] == name)
+        return self._convert(field["type"], obj, path)
+
+    def default_of(self, name: str) -> Any:
+        """The default of a top-level field, as a datum."""
+        field = next(f for f in self.schema["fields"] if f["name"] == name)
+        return self._default(field["type"], field["default"])
+
     def _convert(self, schema: Any, obj: Any, path: str) -> Any:
         if isinstance(schema, str) and schema in self.names:
             schema = self.names[schema]
