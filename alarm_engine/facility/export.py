@@ -156,7 +156,7 @@ _Dumper.add_representer(str, _str)
 def to_yaml(doc: dict) -> str:
     header = "# alarm_engine facility file (alarm-engine export); apply with: alarm-engine apply FILE\n"
     return header + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True,
-                              default_flow_style=None, width=120)
+                              default_flow_style=None, width=1_000_000)
 
 
 def to_json(doc: dict) -> str:

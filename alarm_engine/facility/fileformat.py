@@ -500,7 +500,7 @@ def build(docs: list[tuple[object, str]], settings: Settings, topic_schemas: dic
     """(Desired, problems) from parsed documents [(document, file name)]."""
     b = _Builder(settings, topic_schemas or schemas())
     for doc, file in docs:
-        b.file(doc, file)
+        b.file(source.from_plain(doc) if type(doc) is dict else doc, file)
     b.finish()
     desired = Desired(b.records, b.origins, dict(b.parents), b.warnings)
     return desired, b.problems

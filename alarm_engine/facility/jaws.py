@@ -44,11 +44,14 @@ OPTIONAL = {
 }
 
 
+_PRIMITIVES = ("string", "long", "int", "boolean", "double", "float", "bytes")
+
+
 def _untag(value):
     """(type short name, record) of an Avro-JSON union value; (None, value) if untagged."""
     if isinstance(value, dict) and len(value) == 1:
         (tag, inner), = value.items()
-        if "." in tag or tag[:1].isupper():
+        if "." in tag or tag[:1].isupper() or tag in _PRIMITIVES:
             return tag.rsplit(".", 1)[-1], inner
     return None, value
 
@@ -153,7 +156,7 @@ def convert(recs: list[tuple[str, str, dict]], report: Report, alarm_schema: dic
             prio = _untag(v.get("priority"))[1]
             if prio in PRIORITIES:
                 entry["priority"] = PRIORITIES[prio]
-            if v.get("latching") is not None:
+            if v.get("latching"):
                 carry(entry, "latchable", bool(v["latching"]), name)
             for other in ("maxshelveduration", "filterable", "screenpath", "pointofcontactusername"):
                 if v.get(other) is not None:

@@ -132,6 +132,18 @@ def build(node, file: str, problems: list[Problem], _memo=None, label: str = "")
     return value
 
 
+def from_plain(obj):
+    """Mapping/Sequence (without lines) from plain dicts and lists, e.g. an importer's output."""
+    if isinstance(obj, dict) and not isinstance(obj, Mapping):
+        m = Mapping(0)
+        for k, v in obj.items():
+            m[k] = from_plain(v)
+        return m
+    if isinstance(obj, list) and not isinstance(obj, Sequence):
+        return Sequence([from_plain(x) for x in obj])
+    return obj
+
+
 def parse(text: str, file: str) -> tuple[object, list[Problem]]:
     """The document of a YAML or JSON text, and its syntax problems."""
     problems: list[Problem] = []
