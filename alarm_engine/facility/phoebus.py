@@ -12,8 +12,8 @@
 Phoebus has no category or priority: the category is the name of the component that holds
 the PV, the priority the schema's default. Latching, enabled / enable date, delay, count,
 filter, guidance and displays are carried into fields of the same meaning when the alarms
-schema has them (and the value fits), else reported. The first display goes to edmPath
-(or docUrl for a web link). Commands and automated actions are reported, never run.
+schema has them (and the value fits), else reported. Without a displays field, the first
+screen goes to edmPath and the first web link to docUrl. Commands and automated actions are reported, never run.
 Like Phoebus, PVs of a component are read before its subcomponents, and a PV already seen
 elsewhere is ignored (and reported).
 """
@@ -210,12 +210,18 @@ def import_tree(root, source_name: str, alarm_schema: dict | None = None) -> tup
         if displays and _candidate(alarm_schema, "displays"):
             put(entry, "displays", [{"title": t, "details": d} for t, d in displays], where, "displays")
         elif displays:
-            first = displays[0][1]
-            web = first.startswith(("http://", "https://"))
-            entry["docUrl" if web else "edmPath"] = first
-            if len(displays) > 1:
-                report.add("not imported: displays after the first (the first is in "
-                           "edmPath or docUrl)", where)
+            # A web link (or what export wrote as "Documentation") is the docUrl, a screen the
+            # edmPath; one of each.
+            extra = 0
+            for title, details in displays:
+                doc = details.startswith(("http://", "https://")) or title == "Documentation"
+                key = "docUrl" if doc else "edmPath"
+                if key in entry:
+                    extra += 1
+                else:
+                    entry[key] = details
+            if extra:
+                report.add("not imported: displays beyond one screen (edmPath) and one web link (docUrl)", where)
         for t, _ in own["commands"]:
             report.add("not imported, never run: command", f"{where}: {t}")
         for t, _ in own["actions"]:
