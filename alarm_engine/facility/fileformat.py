@@ -107,6 +107,11 @@ class _Builder:
         self.settings = settings
         self.schemas = topic_schemas
         self.readers = {t: JsonReader(s) for t, s in topic_schemas.items()}
+        # Defaults as data, once (shared by every datum: records are never changed in place).
+        self.schema_defaults = {t: {f["name"]: self.readers[t].default_of(f["name"]) for f in s["fields"] if "default" in f}
+                         for t, s in topic_schemas.items()}
+        self._implied_datum: dict[int, dict | None] = {}
+        self._inherited: dict[tuple, dict] = {}
         self.alarm_fields = field_names(topic_schemas["alarms"])
         self.monitor_fields = field_names(topic_schemas["monitored-pvs"])
         self.location_fields = (field_names(topic_schemas[LOCATIONS]) if LOCATIONS in topic_schemas
@@ -280,8 +285,8 @@ class _Builder:
                 except BadRecord as e:
                     self.problem(file, lines.line_of(name), _label(label, fld=name), _reason(e, label, name))
                     ok = False
-            elif has_default(self.schemas[topic], name):
-                out[name] = reader.default_of(name)
+            elif name in self.schema_defaults[topic]:
+                out[name] = self.schema_defaults[topic][name]
             elif name not in META_FIELDS:
                 self.problem(file, lines.line, label, f"missing required field {name!r}")
                 ok = False
@@ -354,6 +359,45 @@ class _Builder:
                 for pv in pvs:
                     self.implied.setdefault(pv, (f"{file}:{line}", monitor))
 
+    def inherited(self, sec_defaults, top_defaults, location) -> dict:
+        """What alarms of one section and location take from defaults: field → (datum
+        value, good, mapping, file, label). Worked out (and checked, and reported) once per
+        (section, location), not once per alarm."""
+        key = (id(sec_defaults), id(top_defaults), location if isinstance(location, str) else None)
+        if key in self._inherited:
+            return self._inherited[key]
+        chain = [sec_defaults] if sec_defaults else []
+        seen = set()
+        while isinstance(location, str) and location not in seen:
+            seen.add(location)  # a cycle is reported by check_locations
+            if location in self.location_defaults:
+                chain.append(self.location_defaults[location])
+            location = self.parents.get(location)
+        if top_defaults:
+            chain.append(top_defaults)
+        reader = self.readers["alarms"]
+        out = {}
+        for fname in [*self.alarm_fields, RULE_SEVERITY]:
+            for d in chain:
+                if fname not in d.values:
+                    continue
+                value = d.values[fname]
+                memo = (id(d.values), fname)
+                if memo not in self._checked:
+                    try:
+                        converted = (value if fname == RULE_SEVERITY else
+                                     reader.read_field(fname, value, _label(d.label, fld=fname)))
+                        self._checked[memo] = (converted, True)
+                    except BadRecord as e:
+                        self.problem(d.file, d.values.line_of(fname), _label(d.label, fld=fname),
+                                     _reason(e, d.label, fname))
+                        self._checked[memo] = (None, False)
+                converted, good = self._checked[memo]
+                out[fname] = (converted, good, d.values, d.file, d.label)
+                break
+        self._inherited[key] = out
+        return out
+
     def alarm(self, name: str, entry: Mapping, file: str, line: int, sec_defaults, top_defaults):
         alabel = _label("alarms", name)
         given = [k for k in PRODUCER_KEYS if k in entry]
@@ -362,63 +406,39 @@ class _Builder:
             self.problem(file, line, alabel, f"an alarm needs exactly one of pv, rule, external, producer ({what})")
             return None, ()
         kind = given[0]
-        chain: list[tuple[Mapping, str, str]] = [(entry, file, alabel)]  # (values, file, label), first wins
-        if sec_defaults:
-            chain.append((sec_defaults.values, sec_defaults.file, sec_defaults.label))
-        location = None
-        for values, _, _ in chain + ([(top_defaults.values, "", "")] if top_defaults else []):
-            if "location" in values:
-                location = values["location"]
-                break
-        seen = set()
-        while isinstance(location, str) and location in self.location_defaults and location not in seen:
-            seen.add(location)  # a cycle is reported by check_locations
-            d = self.location_defaults[location]
-            chain.append((d.values, d.file, d.label))
-            location = self.parents.get(location)
-        if top_defaults:
-            chain.append((top_defaults.values, top_defaults.file, top_defaults.label))
-
-        def pick(key):
-            for values, f, lab in chain:
-                if key in values:
-                    return values[key], values, f, lab
-            return None
-
+        if "location" in entry:
+            location = entry["location"]
+        elif sec_defaults and "location" in sec_defaults.values:
+            location = sec_defaults.values["location"]
+        elif top_defaults and "location" in top_defaults.values:
+            location = top_defaults.values["location"]
+        else:
+            location = None
+        inh = self.inherited(sec_defaults, top_defaults, location)
         reader = self.readers["alarms"]
         datum, ok = {}, True
         for fname in self.alarm_fields:
             if fname == "producer":
                 continue
-            got = pick(fname)
-            if got is None:
-                if has_default(self.schemas["alarms"], fname):
-                    datum[fname] = reader.default_of(fname)
-                elif fname not in META_FIELDS:
-                    self.problem(file, line, alabel, f"missing required field {fname!r} (give it on the alarm, "
-                                                     f"its section's or location's defaults, or the file's defaults)")
-                    ok = False
-                continue
-            value, where, f, lab = got
-            memo_key = (id(where), fname)
-            if memo_key in self._checked and where is not entry:  # a default: checked once, reported once
-                converted, good = self._checked[memo_key]
-            else:
+            if fname in entry:
                 try:
-                    converted, good = reader.read_field(fname, value, _label(lab, fld=fname)), True
+                    datum[fname] = reader.read_field(fname, entry[fname], _label(alabel, fld=fname))
                 except BadRecord as e:
-                    self.problem(f, where.line_of(fname), _label(lab, fld=fname), _reason(e, lab, fname))
-                    converted, good = None, False
-                if where is not entry:
-                    self._checked[memo_key] = (converted, good)
-            if good:
+                    self.problem(file, entry.line_of(fname), _label(alabel, fld=fname), _reason(e, alabel, fname))
+                    ok = False
+            elif fname in inh:
+                converted, good = inh[fname][:2]
                 datum[fname] = converted
-            ok = ok and good
-        if isinstance(datum.get("location"), str) and "location" in entry:
+                ok = ok and good
+            elif fname in self.schema_defaults["alarms"]:
+                datum[fname] = self.schema_defaults["alarms"][fname]
+            elif fname not in META_FIELDS:
+                self.problem(file, line, alabel, f"missing required field {fname!r} (give it on the alarm, "
+                                                 f"its section's or location's defaults, or the file's defaults)")
+                ok = False
+        if isinstance(datum.get("location"), str):
             self.alarm_locations.append((file, entry.line_of("location"), name, datum["location"]))
-        elif isinstance(datum.get("location"), str):
-            self.alarm_locations.append((file, line, name, datum["location"]))
-        producer = self.producer(kind, entry, pick, file, alabel)
+        producer = self.producer(kind, entry, inh, file, alabel)
         if producer is None or not ok:
             return None, ()
         datum = {"producer": producer, **datum}
@@ -429,6 +449,8 @@ class _Builder:
             fld = next((f for f in self.alarm_fields if reason.startswith(f + " ")), kind)
             self.problem(file, entry.line_of(fld), _label("alarms", name, fld), reason)
             return None, ()
+        if kind == "pv":
+            return datum, (producer["pv"],)  # its name is checked already
         pvs = sorted(defn.pvs())
         bad = False
         for pv in pvs:
@@ -438,7 +460,7 @@ class _Builder:
                 bad = True
         return (None, ()) if bad else (datum, pvs)
 
-    def producer(self, kind: str, entry: Mapping, pick, file: str, alabel: str):
+    def producer(self, kind: str, entry: Mapping, inh: dict, file: str, alabel: str):
         value = entry[kind]
         flabel = _label(alabel, fld=kind)
         line = entry.line_of(kind)
@@ -465,11 +487,14 @@ class _Builder:
                 self.problem(file, line, flabel, why)
                 return None
             return {"pv": value}
-        got = pick(RULE_SEVERITY)
-        severity = "MAJOR" if got is None else got[0]
+        if RULE_SEVERITY in entry:
+            severity, where, sfile, slabel = entry[RULE_SEVERITY], entry, file, alabel
+        elif RULE_SEVERITY in inh:
+            severity, _, where, sfile, slabel = inh[RULE_SEVERITY]
+        else:
+            severity = "MAJOR"
         if severity not in ("MINOR", "MAJOR", "INVALID"):
-            where = got[1]
-            self.problem(got[2], where.line_of(RULE_SEVERITY), _label(got[3], fld=RULE_SEVERITY),
+            self.problem(sfile, where.line_of(RULE_SEVERITY), _label(slabel, fld=RULE_SEVERITY),
                          f"{json.dumps(severity)[:40]} is not one of MINOR, MAJOR, INVALID")
             return None
         return {"expression": value, "severity": severity}
@@ -479,9 +504,13 @@ class _Builder:
         for pv, (origin, monitor) in self.implied.items():
             if pv in self.records["monitored-pvs"] or ("monitored-pvs", pv) in self.origins:
                 continue
-            values = dict(monitor.values) if monitor else {}
-            datum = self.record("monitored-pvs", reader, values, monitor.values if monitor else Mapping(0),
-                                monitor.file if monitor else origin, "monitored-defaults")
+            memo = id(monitor)  # one datum per monitored-defaults, shared by its PVs
+            if memo not in self._implied_datum:
+                values = dict(monitor.values) if monitor else {}
+                self._implied_datum[memo] = self.record(
+                    "monitored-pvs", reader, values, monitor.values if monitor else Mapping(0),
+                    monitor.file if monitor else origin, "monitored-defaults")
+            datum = self._implied_datum[memo]
             if datum is not None:
                 self.records["monitored-pvs"][pv] = datum
                 self.origins[("monitored-pvs", pv)] = origin
