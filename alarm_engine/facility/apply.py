@@ -119,8 +119,11 @@ async def produce(settings: Settings, codec, writes, progress=None, user: str = 
         for topic, items in phases:
             name = settings.topic(topic)
             parts = sorted(await producer.partitions_for(name))
-            by_partition: dict[int, list] = {}
+            # Encode and append to each partition's open batch; a full batch is sent at once,
+            # so the broker works while the rest is encoded.
             encoded: dict[int, bytes] = {}  # datums shared by many keys (implied PVs) are encoded once
+            open_batches: dict[int, list] = {}  # partition → [batch, records in it]
+            sent = []
             for key, datum in items:
                 k = key.encode()
                 if datum is None:
@@ -129,17 +132,17 @@ async def produce(settings: Settings, codec, writes, progress=None, user: str = 
                     value = encoded[id(datum)]
                 else:
                     value = encoded[id(datum)] = codec.encode(topic, with_meta(datum, fields[topic], user, host))
-                by_partition.setdefault(partitioner(k, parts, parts), []).append((k, value))
-            sent = []
-            for partition, recs in by_partition.items():
-                batch, n = producer.create_batch(), 0
-                for k, v in recs:
-                    if batch.append(key=k, value=v, timestamp=None, headers=headers) is None:
-                        sent.append((await producer.send_batch(batch, name, partition=partition), n))
-                        batch, n = producer.create_batch(), 0
-                        if batch.append(key=k, value=v, timestamp=None, headers=headers) is None:
-                            raise ValueError(f"record {k[:80]!r} does not fit in a batch")
-                    n += 1
+                partition = partitioner(k, parts, parts)
+                slot = open_batches.get(partition)
+                if slot is None:
+                    slot = open_batches[partition] = [producer.create_batch(), 0]
+                if slot[0].append(key=k, value=value, timestamp=None, headers=headers) is None:
+                    sent.append((await producer.send_batch(slot[0], name, partition=partition), slot[1]))
+                    slot[0], slot[1] = producer.create_batch(), 0
+                    if slot[0].append(key=k, value=value, timestamp=None, headers=headers) is None:
+                        raise ValueError(f"record {k[:80]!r} does not fit in a batch")
+                slot[1] += 1
+            for partition, (batch, n) in open_batches.items():
                 if n:
                     sent.append((await producer.send_batch(batch, name, partition=partition), n))
             for fut, n in sent:
@@ -149,7 +152,7 @@ async def produce(settings: Settings, codec, writes, progress=None, user: str = 
                 except Exception as e:  # the others still settle; the next apply completes
                     failed.append(e)
                 if progress:
-                    progress(acked + sum(1 for _ in failed), total)
+                    progress(acked + len(failed), total)
     finally:
         await producer.stop()
     if failed:

@@ -17,6 +17,17 @@ from alarm_engine.codec import BadRecord, Codec, decode_key
 from alarm_engine.config import Settings
 
 
+def _key(raw: bytes | None) -> str:
+    """codec.decode_key, with a quick path for the usual key (checked with C string methods)."""
+    try:
+        key = raw.decode("utf-8")
+    except (AttributeError, UnicodeDecodeError):
+        return decode_key(raw)
+    if not key or len(key) > 512 or "\x00" in key or "\n" in key or "\r" in key or key.isspace():
+        return decode_key(raw)
+    return key
+
+
 @dataclass
 class State:
     topics: dict[str, dict[str, dict | None]]  # logical topic → key → datum (None: unreadable)
@@ -80,7 +91,7 @@ async def read(settings: Settings, codec: Codec, topics: list[str], progress=Non
                 if value is None:
                     continue  # tombstone
                 try:
-                    key = decode_key(raw_key)
+                    key = _key(raw_key)
                 except BadRecord as e:
                     state.unreadable.append(f"{settings.topic(topic)}[{partition}]@{offset}: {e}")
                     continue
