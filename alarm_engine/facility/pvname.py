@@ -13,6 +13,8 @@ import re
 
 _BAD_RECORD_CHARS = set(" \t\"'.$`")
 _FIELD = re.compile(r"[A-Z][A-Z0-9_]*\Z")
+# Printable ASCII without blanks, quotes, '$', '.', '`' and braces, optionally .FIELD[$].
+_USUAL = re.compile(r"[!#%&()*+,/0-9:;<=>?@A-Z\[\\\]^_a-z|~-]+(\.[A-Z][A-Z0-9_]*\$?)?\Z")
 MAX_NAME = 512  # records.MAX_NAME: a PV name is a record key
 
 
@@ -24,6 +26,8 @@ def problem(name: object) -> str | None:
         return "empty PV name"
     if len(name) > MAX_NAME:
         return f"PV name of {len(name)} characters (at most {MAX_NAME})"
+    if _USUAL.match(name):  # most names: one regular expression, no loop
+        return None
     for i, ch in enumerate(name):
         if not (" " < ch <= "~"):
             return (f"PV name {name[:80]!r} has character U+{ord(ch):04X} at position {i + 1}: "
