@@ -113,6 +113,7 @@ class _Builder:
         self._implied_datum: dict[int, dict | None] = {}
         self._inherited: dict[tuple, dict] = {}
         self.alarm_fields = field_names(topic_schemas["alarms"])
+        self.alarm_field_set = set(self.alarm_fields) - {"producer"}
         self.monitor_fields = field_names(topic_schemas["monitored-pvs"])
         self.location_fields = (field_names(topic_schemas[LOCATIONS]) if LOCATIONS in topic_schemas
                                 else ["parent"])
@@ -395,6 +396,19 @@ class _Builder:
                 converted, good = self._checked[memo]
                 out[fname] = (converted, good, d.values, d.file, d.label)
                 break
+        # The datum an alarm without fields of its own would have, and what it lacks.
+        base, ok, missing = {}, True, []
+        for fname in self.alarm_fields:
+            if fname == "producer":
+                continue
+            if fname in out:
+                base[fname] = out[fname][0]
+                ok = ok and out[fname][1]
+            elif fname in self.schema_defaults["alarms"]:
+                base[fname] = self.schema_defaults["alarms"][fname]
+            elif fname not in META_FIELDS:
+                missing.append(fname)
+        out = (out, base, ok, missing)
         self._inherited[key] = out
         return out
 
@@ -414,25 +428,23 @@ class _Builder:
             location = top_defaults.values["location"]
         else:
             location = None
-        inh = self.inherited(sec_defaults, top_defaults, location)
+        inh, base, base_ok, missing = self.inherited(sec_defaults, top_defaults, location)
         reader = self.readers["alarms"]
-        datum, ok = {}, True
-        for fname in self.alarm_fields:
-            if fname == "producer":
+        datum = dict(base)
+        ok = True
+        bad_inherited = not base_ok
+        for fname in entry:
+            if fname not in self.alarm_field_set:
                 continue
-            if fname in entry:
-                try:
-                    datum[fname] = reader.read_field(fname, entry[fname], _label(alabel, fld=fname))
-                except BadRecord as e:
-                    self.problem(file, entry.line_of(fname), _label(alabel, fld=fname), _reason(e, alabel, fname))
-                    ok = False
-            elif fname in inh:
-                converted, good = inh[fname][:2]
-                datum[fname] = converted
-                ok = ok and good
-            elif fname in self.schema_defaults["alarms"]:
-                datum[fname] = self.schema_defaults["alarms"][fname]
-            elif fname not in META_FIELDS:
+            try:
+                datum[fname] = reader.read_field(fname, entry[fname], _label(alabel, fld=fname))
+            except BadRecord as e:
+                self.problem(file, entry.line_of(fname), _label(alabel, fld=fname), _reason(e, alabel, fname))
+                ok = False
+        if bad_inherited:  # a bad default (reported once) not overridden here
+            ok = ok and all(inh[f][1] or f in entry for f in inh if f != RULE_SEVERITY)
+        for fname in missing:
+            if fname not in entry:
                 self.problem(file, line, alabel, f"missing required field {fname!r} (give it on the alarm, "
                                                  f"its section's or location's defaults, or the file's defaults)")
                 ok = False
