@@ -188,3 +188,19 @@ def test_records_carry_user_and_host_headers(settings, capsys, monkeypatch):
     asyncio.run(read())
     assert c_headers and all(h["user"] == b"operator7" and h["host"] and h["producer"] == b"alarm-engine apply"
                              for h in c_headers)
+
+
+def test_export_phoebus_xml_and_import_it_back(settings, capsys, tmp_path):
+    assert run(settings, capsys, "apply", EXAMPLE)[0] == 0
+    xml = tmp_path / "alarms.xml"
+    status, out, err = run(settings, capsys, "export", "--format", "phoebus-xml", "--config-name", "CEBAF",
+                           "-o", str(xml))
+    assert status == 0, err
+    assert "note: 2 alarm(s) rule or external: not exported" in err
+    back = tmp_path / "back.yaml"
+    status, out, err = run(settings, capsys, "import-phoebus", str(xml), "-o", str(back))
+    assert status == 0, err
+    imported = desired(str(back))["alarms"]
+    # Phoebus names an alarm by its PV: the per-PV alarms come back under their PVs' names.
+    assert {a["producer"]["pv"] for a in imported.values()} == {"IOC1:TEMP", "VAC:G1", "VAC:G2"}
+    assert imported["VAC:G1"]["location"] == "Hall B" and imported["VAC:G1"]["docUrl"] == "/docs/vacuum"
