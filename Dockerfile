@@ -12,6 +12,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY alarm_engine/__init__.py alarm_engine/__init__.py
 COPY alarm_engine/core/__init__.py alarm_engine/core/__init__.py
+COPY alarm_engine/facility/__init__.py alarm_engine/facility/__init__.py
 RUN pip install ".[ioc]" && pip uninstall -y alarm-engine
 
 COPY alarm_engine ./alarm_engine

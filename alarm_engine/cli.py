@@ -430,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("worker", help="Run an engine worker (same as: faust -A alarm_engine worker).")
     sp.add_argument("--loglevel", "-l", default="info")
+
+    from alarm_engine.facility.commands import add_parsers as add_facility_parsers
+
+    add_facility_parsers(sub)  # apply, check, export, import-phoebus, import-jaws, facility-schema
     return p
 
 
@@ -454,6 +458,7 @@ def main(argv=None) -> int:
     handler = {
         **{k: cmd_set for k in SETTERS}, **{k: cmd_list for k in LISTERS},
         "dump-schemas": cmd_dump_schemas, "register-schemas": cmd_register, "topics": cmd_topics,
+        **_facility_handlers(),
     }[args.command]
     try:
         return asyncio.run(handler(args, settings))
@@ -467,6 +472,12 @@ def main(argv=None) -> int:
         if os.environ.get("ALARM_ENGINE_DEBUG"):
             raise
         return EXIT_FAILED
+
+
+def _facility_handlers() -> dict:
+    from alarm_engine.facility.commands import HANDLERS
+
+    return HANDLERS
 
 
 class _KafkaErrors(logging.Handler):

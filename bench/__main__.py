@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 
-FIGURES = ("flood", "flood-rule", "flood-mixed", "latency", "restart", "fanin", "fleet", "idle")
+FIGURES = ("flood", "flood-rule", "flood-mixed", "latency", "restart", "fanin", "fleet", "idle", "apply")
 
 
 def _need(module: str, extra: str = "bench") -> None:
@@ -41,6 +41,8 @@ def main(argv=None) -> int:
                                                       "(default 100000)")
     ap.add_argument("--restart-alarms", type=int, help="alarms and monitored PVs of the restart figure "
                                                        "(default 100000)")
+    ap.add_argument("--apply-engine-alarms", type=int, help="alarms of the apply figure's engine part "
+                                                            "(default 10000; the issue's full size is 100000)")
     args = ap.parse_args(argv)
     _need("matplotlib")
     _need("softioc", "ioc")
@@ -55,12 +57,14 @@ def main(argv=None) -> int:
     os.environ["EPICS_CA_AUTO_ADDR_LIST"] = "NO"
     os.environ["BENCH_CA_PORT"] = str(ca_port)
 
-    from bench import fanin, flood, idle, latency, restart
+    from bench import apply as apply_figure, fanin, flood, idle, latency, restart
 
     if args.flood_records:
         flood.FLOOD_RECORDS = args.flood_records
     if args.restart_alarms:
         restart.ALARMS = args.restart_alarms
+    if args.apply_engine_alarms:
+        apply_figure.ENGINE_ALARMS = args.apply_engine_alarms
 
     runners = {
         "flood": lambda: flood.run_single(args.quick, args.profile),
@@ -71,6 +75,7 @@ def main(argv=None) -> int:
         "fanin": lambda: fanin.run(args.quick, ca_port),
         "fleet": lambda: flood.run_fleet(args.quick),
         "idle": lambda: idle.run(args.quick, ca_port),
+        "apply": lambda: apply_figure.run(args.quick),
     }
     wanted = args.only or list(FIGURES)
     results, failed = [], []
