@@ -949,3 +949,9 @@ async def _drop_timers(sender, revoked, **kwargs) -> None:
     if _processor is not None and any(tp.topic == settings.topic("alarms") for tp in revoked):
         # Rebuilt from the table for the partitions kept, on recovery.
         _processor.deadlines.clear()
+
+
+# alarm-history: a task with its own plain clients (alarm_engine/history_writer.py).
+from alarm_engine import history_writer  # noqa: E402
+
+history_writer.install(app, settings)

@@ -26,6 +26,7 @@ VALUE_SCHEMAS = {
     "pv-state": "pv-state-value",
     "active-alarms": "active-alarms-value",
     "dead-letters": "dead-letters-value",
+    "alarm-history": "alarm-history-value",  # append-only (alarm_engine/history.py)
 }
 
 
