@@ -159,8 +159,9 @@ def describe(e: dict) -> str:
             from alarm_engine.cli import format_ms
 
             text += f" until {format_ms(d['expiration'])}"
-    who = e["user"] + (f"@{e['host']}" if e["host"] else "")
-    return text + (f" [by {who}]" if who else "")
+    if e["user"]:
+        return text + f" [by {e['user']}" + (f" from {e['host']}]" if e["host"] else "]")
+    return text + (f" [from {e['host']}]" if e["host"] else "")
 
 
 # --- the shell: topic set-up and reading ---------------------------------------

@@ -52,7 +52,7 @@ def test_entry_fields_and_schema():
                   register=lambda subject, schema: 1)
     for x in (e, u, s, d):
         assert codec.decode("alarm-history", codec.encode("alarm-history", x)) == x
-    assert "[by op@console1]" in history.describe(e)
+    assert "[by op from console1]" in history.describe(e)
 
 
 def test_replay_copies_are_skipped_and_selection():
