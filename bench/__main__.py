@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 
-FIGURES = ("flood", "latency", "restart", "fanin", "fleet")
+FIGURES = ("flood", "latency", "restart", "fanin", "fleet", "web")
 
 
 def _need(module: str, extra: str = "bench") -> None:
@@ -68,6 +68,7 @@ def main(argv=None) -> int:
         "restart": lambda: restart.run(args.quick),
         "fanin": lambda: fanin.run(args.quick, ca_port),
         "fleet": lambda: flood.run_fleet(args.quick),
+        "web": lambda: __import__("bench.web").web.run(args.quick),  # the page in chromium (bench/web.py)
     }
     wanted = args.only or list(FIGURES)
     results, failed = [], []

@@ -13,7 +13,7 @@ const S = {
   sorted: [], lastMessage: 0, readOnly: false,
 };
 // For tests and the benchmark: when each alarm's latest change reached the DOM.
-window.__page = { seen: {}, renders: 0, lastRenderMs: 0, snapshotMs: 0, firstFullRender: null };
+window.__page = { seen: {}, received: {}, sent: {}, renders: 0, lastRenderMs: 0, snapshotMs: 0, firstFullRender: null };
 
 const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
@@ -44,17 +44,41 @@ function matches(r, f, skip) {
     && (!f.text || (r.name + " " + (r.message || "")).toLowerCase().includes(f.text.toLowerCase()));
 }
 
-let dirty = new Set(), scheduled = false, needSort = true;
+// needSort: rebuild the sorted, filtered list (snapshot, filter change). A pushed change is
+// applied to that list in place (binary search), and the table redrawn in the next frame; the
+// summaries (counts, filters, tree) are recomputed at most every SUMMARY_MS, since at 10,000
+// alarms they cost more than a frame.
+const SUMMARY_MS = 400;
+let dirty = new Set(), scheduled = false, needSort = true, summariesDirty = false, lastSummary = 0, summaryTimer = null;
 function schedule() {
   if (!scheduled) { scheduled = true; requestAnimationFrame(render); }
 }
+function lowerBound(arr, row) {
+  let lo = 0, hi = arr.length;
+  while (lo < hi) { const mid = (lo + hi) >> 1; if (compare(arr[mid], row) < 0) lo = mid + 1; else hi = mid; }
+  return lo;
+}
 function applyRows(rows) {
   for (const r of rows) {
+    const old = S.rows.get(r.name);
+    if (!needSort && old) {
+      const i = lowerBound(S.sorted, old);
+      if (i < S.sorted.length && S.sorted[i].name === r.name) S.sorted.splice(i, 1);
+    }
     if (r.removed) S.rows.delete(r.name); else S.rows.set(r.name, r);
+    if (!needSort && !r.removed && matches(r, S.filter)) S.sorted.splice(lowerBound(S.sorted, r), 0, r);
     dirty.add(r.name);
   }
-  needSort = true;
+  summariesDirty = true;
   schedule();
+}
+function renderSummaries() {
+  S.all = Array.from(S.rows.values());
+  renderFilters();
+  renderTree();
+  renderCounts();
+  summariesDirty = false;
+  lastSummary = performance.now();
 }
 
 // --- rendering -------------------------------------------------------------------------
@@ -62,12 +86,13 @@ function render() {
   scheduled = false;
   const t0 = performance.now();
   if (needSort) {
-    S.all = Array.from(S.rows.values());
-    S.sorted = S.all.filter((r) => matches(r, S.filter)).sort(compare);
-    renderFilters();
-    renderTree();
-    renderCounts();
+    S.sorted = Array.from(S.rows.values()).filter((r) => matches(r, S.filter)).sort(compare);
+    renderSummaries();
     needSort = false;
+  } else if (summariesDirty) {
+    const wait = SUMMARY_MS - (performance.now() - lastSummary);
+    if (wait <= 0) renderSummaries();
+    else if (!summaryTimer) summaryTimer = setTimeout(() => { summaryTimer = null; schedule(); }, wait);
   }
   renderRows();
   renderBanner();
@@ -87,7 +112,10 @@ function renderRows() {
   const first = Math.max(0, Math.floor(sc.scrollTop / ROW_H) - 10);
   const count = Math.ceil(sc.clientHeight / ROW_H) + 20;
   const last = Math.min(total, first + count);
-  let html = `<tr style="height:${first * ROW_H}px"></tr>`;
+  // Only the rows in view are in the DOM: a tall spacer gives the scroll bar its length.
+  $("spacer").style.height = `${total * ROW_H}px`;
+  $("alarms").style.top = `${first * ROW_H}px`;
+  let html = "";
   for (let i = first; i < last; i++) {
     const r = S.sorted[i];
     const known = r.state === "ACTIVE" || r.state === "SHELVED";
@@ -101,7 +129,6 @@ function renderRows() {
       + `<td title="${esc(r.message)}">${esc(r.message)}</td>`
       + `<td>${esc(r.by || r.ackedBy || "")}</td></tr>`;
   }
-  html += `<tr style="height:${(total - last) * ROW_H}px"></tr>`;
   body.innerHTML = html;
   $("empty").hidden = total > 0 || !S.snapshotLoaded;
   $("shown-count").textContent = `${total} of ${S.rows.size} active alarm${S.rows.size === 1 ? "" : "s"} shown`;
@@ -285,7 +312,11 @@ function connect() {
     if (d.status) S.status = d.status;
     if (d.locations) { S.locations = d.locations; needSort = true; }
     if (d.kpi) { S.kpi = d.kpi; renderKpi(); }
-    if (d.rows) applyRows(d.rows);
+    if (d.rows) {
+      const now = Date.now();
+      for (const r of d.rows) { window.__page.received[r.name] = now; window.__page.sent[r.name] = d.sentMs; }
+      applyRows(d.rows);
+    }
     if (S.selected && ((d.history && d.history.includes(S.selected)) || (d.rows && d.rows.some((r) => r.name === S.selected)))) showDetail(S.selected);
     schedule();
   });
