@@ -121,6 +121,14 @@ class WebApp:
                            "Authorization")
 
     def need_write(self, request: web.Request) -> str:
+        # A browser may attach cached basic credentials to a form another site posts here:
+        # a form cannot send application/json without a CORS preflight (which this server
+        # never grants), and a foreign Origin is refused outright.
+        if request.content_type != "application/json":
+            raise ApiError(415, "send the request with Content-Type: application/json", "Content-Type")
+        origin = request.headers.get("Origin")
+        if origin and origin.split("://", 1)[-1] != request.host:
+            raise ApiError(403, f"cross-site request from {origin[:100]} refused", "Origin")
         if not self.auth.configured:
             raise ApiError(403, "operator actions are disabled: no users file (ALARM_ENGINE_WEB_USERS) "
                                 "and no trusted proxy header (ALARM_ENGINE_WEB_TRUSTED_HEADER) configured")

@@ -104,7 +104,8 @@ class WebServer:
         if self.proc is not None:
             self.log.close()
 
-    def request(self, method: str, path: str, body=None, user: str | None = None, password: str = ""):
+    def request(self, method: str, path: str, body=None, user: str | None = None, password: str = "",
+                content_type: str = "application/json", headers: dict | None = None):
         """(status, JSON body) of one API request."""
         import base64
         import json
@@ -113,7 +114,7 @@ class WebServer:
 
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
         req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": content_type, **(headers or {})})
         if user is not None:
             token = base64.b64encode(f"{user}:{password}".encode()).decode()
             req.add_header("Authorization", f"Basic {token}")

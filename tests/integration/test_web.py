@@ -209,6 +209,13 @@ def test_api_errors(rig):
         ("GET", "/api/v1/history?since=forever", None, {}, 400, "since"),
         ("GET", "/api/v1/nothing", None, {}, 404, "path"),
     ]
+    # A cross-site form post (not JSON), and a foreign origin, even with credentials.
+    status, body = web.request("POST", "/api/v1/alarms/api%20ext/unshelve", b"a=b", **auth,
+                               content_type="application/x-www-form-urlencoded")
+    assert (status, body["field"]) == (415, "Content-Type")
+    status, body = web.request("POST", "/api/v1/alarms/api%20ext/unshelve", None, **auth,
+                               headers={"Origin": "http://evil.example"})
+    assert (status, body["field"]) == (403, "Origin")
     for method, path, payload, who, code, field in cases:
         status, body = web.request(method, path, payload, **who)
         assert (status, body.get("field")) == (code, field), (method, path, payload, body)
