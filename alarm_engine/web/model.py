@@ -139,6 +139,7 @@ class _Reassign(Exception):
 class Feed:
     """Follows the topics into a LiveState; notifies listeners of changes."""
 
+    ENGINE_CHECK_S = 5.0  # how often the engine's consumer group is looked at
     STALE_AFTER_S = 5.0   # no contact with Kafka for this long: the page says the data is stale
     CHECK_S = 1.0
 
@@ -158,6 +159,8 @@ class Feed:
         self._codec = None
         self._consumer = None
         self._missing: list[str] = []
+        self.engine_workers: int | None = None  # members of the engine's consumer group; None: unknown
+        self._next_engine_check = 0.0
 
     # --- status --------------------------------------------------------------
     def status(self, now: float | None = None) -> dict:
@@ -167,12 +170,15 @@ class Feed:
             reasons.append(f"Kafka unreachable ({self.error})" if self.error else "Kafka unreachable")
         if not self.registry_ok:
             reasons.append("schema registry unreachable: newer records cannot be read")
+        if self.engine_workers == 0:
+            reasons.append(f"no engine worker is running (consumer group {engine_group(self.settings)} "
+                           f"has no members): alarms are not being evaluated")
         if not self.caught_up:
             reasons.append("still reading the topics")
         elif self.lag > 0 and now - self.last_record > self.STALE_AFTER_S:
             reasons.append(f"{self.lag} record(s) not read yet")
         return {"stale": bool(reasons), "reasons": reasons, "kafka": self.kafka_ok, "registry": self.registry_ok,
-                "caughtUp": self.caught_up, "lag": self.lag,
+                "caughtUp": self.caught_up, "lag": self.lag, "engineWorkers": self.engine_workers,
                 "lastContactMs": int(self.last_contact * 1000), "lastRecordMs": int(self.last_record * 1000),
                 "bootstrap": self.settings.bootstrap}
 
@@ -321,6 +327,9 @@ class Feed:
             except Exception as e:
                 self.kafka_ok = False
                 self.error = f"{e.__class__.__name__}: {e}"[:200] or e.__class__.__name__
+            if self.kafka_ok and time.time() >= self._next_engine_check:
+                self._next_engine_check = time.time() + self.ENGINE_CHECK_S
+                await self._check_engine()
             if self._missing and self.kafka_ok:
                 await consumer._client.force_metadata_update()
                 if any(consumer.partitions_for_topic(t) for t in self._missing):
@@ -330,3 +339,27 @@ class Feed:
             if key != last:
                 last = key
                 self._notify("status", None)
+
+    async def _check_engine(self) -> None:
+        """How many workers the engine's consumer group has (0: the engine is down)."""
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(**self.settings.kafka_kwargs(), request_timeout_ms=3000)
+        try:
+            await asyncio.wait_for(admin.start(), 3.0)
+            (resp,) = await asyncio.wait_for(admin.describe_consumer_groups([engine_group(self.settings)]), 3.0)
+            group = resp.to_object()["groups"][0]
+            self.engine_workers = len(group["members"]) if group["error_code"] == 0 else 0
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # not allowed to describe groups, or Kafka gone: unknown
+            log.debug("engine group check: %s", e)
+            self.engine_workers = None
+        finally:
+            await admin.close()
+
+
+def engine_group(settings: Settings) -> str:
+    """The engine workers' consumer group (as alarm_engine.agents names it)."""
+    prefix = settings.topic_prefix.strip(".-_")
+    return f"{settings.app_id}-{prefix}" if prefix else settings.app_id

@@ -243,6 +243,15 @@ def test_reads_need_a_login_unless_anonymous(rig):
     web = rig.web(anonymous_read=False)
     assert web.request("GET", "/api/v1/alarms")[0] == 401
     assert web.request("GET", "/api/v1/alarms", user="op", password=PASSWORD)[0] == 200
+    # No worker runs for these topics: the status says the engine is down.
+    deadline = time.monotonic() + 30
+    while True:
+        st = web.request("GET", "/api/v1/status", user="op", password=PASSWORD)[1]
+        if st["engineWorkers"] is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert st["engineWorkers"] == 0 and st["stale"]
+    assert any("no engine worker" in r for r in st["reasons"]), st
 
 
 def test_kafka_down_page_says_stale_keeps_state_and_recovers(rig):
