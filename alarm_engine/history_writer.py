@@ -109,7 +109,10 @@ class HistoryWriter:
                     for m in msgs:
                         try:
                             key = decode_key(m.key)
-                            datum = codec.decode(topic, m.value)
+                            if _unseen_schema(codec, m.value):  # a registry fetch: not on the worker's loop
+                                datum = await asyncio.to_thread(codec.decode, topic, m.value)
+                            else:
+                                datum = codec.decode(topic, m.value)
                         except BadRecord as e:
                             log.warning("alarm-history: skipped %s[%d]@%d: %s", tp.topic, m.partition, m.offset, e)
                             continue
@@ -129,6 +132,13 @@ class HistoryWriter:
             await asyncio.gather(defs_task, return_exceptions=True)
             await consumer.stop()
             await producer.stop()
+
+
+def _unseen_schema(codec, raw: bytes | None) -> bool:
+    """A Confluent-framed value whose writer schema the codec has not fetched yet."""
+    if not raw or raw[0] != 0 or len(raw) < 5:
+        return False
+    return int.from_bytes(raw[1:5], "big") not in codec._writers
 
 
 def install(app, settings: Settings) -> None:
