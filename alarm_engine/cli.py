@@ -217,7 +217,7 @@ async def cmd_set(args, settings: Settings) -> int:
         records.validate(topic, args.name, datum, settings)
         codec = _codec(settings)
         value = codec.encode(topic, datum)
-    await produce(settings, settings.topic(topic), [(args.name.encode(), value)])
+    await produce(settings, settings.topic(topic), [(args.name.encode(), value)], headers=_who(args))
     what = "tombstone" if value is None else "record"
     print(f"{args.command}: wrote {what} for {args.name!r} to {settings.topic(topic)}")
     return 0
@@ -321,6 +321,10 @@ async def cmd_topics(args, settings: Settings) -> int:
 
             extra = FAST_COMPACTION
         created = await ensure_topics(settings, extra_config=extra)
+        from alarm_engine.history import ensure_topic as ensure_history
+
+        if await ensure_history(settings):  # append-only: its own cleanup policy
+            created.append(settings.topic("alarm-history"))
         print(f"created {len(created)} topic(s){': ' + ', '.join(created) if created else ''}; "
               f"{settings.partitions} partition(s) for new ones")
     else:
@@ -434,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     from alarm_engine.facility.commands import add_parsers as add_facility_parsers
 
     add_facility_parsers(sub)  # apply, check, export, import-phoebus, import-jaws, facility-schema
+
+    from alarm_engine.window_cli import add_commands  # web, web-user, history, kpi
+
+    add_commands(sub)
     return p
 
 
@@ -459,6 +467,7 @@ def main(argv=None) -> int:
         **{k: cmd_set for k in SETTERS}, **{k: cmd_list for k in LISTERS},
         "dump-schemas": cmd_dump_schemas, "register-schemas": cmd_register, "topics": cmd_topics,
         **_facility_handlers(),
+        **_window_handlers(),
     }[args.command]
     try:
         return asyncio.run(handler(args, settings))
@@ -478,6 +487,20 @@ def _facility_handlers() -> dict:
     from alarm_engine.facility.commands import HANDLERS
 
     return HANDLERS
+
+
+def _window_handlers() -> dict:
+    from alarm_engine.window_cli import HANDLERS
+
+    return HANDLERS
+
+
+def _who(args) -> list[tuple[str, bytes]]:
+    """Kafka headers naming who wrote an operator record and from where (for alarm-history)."""
+    import socket
+
+    user = getattr(args, "user", None) or os.environ.get("USER") or ""
+    return [("user", user.encode()), ("host", socket.gethostname().encode()), ("client", b"alarm-engine cli")]
 
 
 class _KafkaErrors(logging.Handler):

@@ -26,6 +26,7 @@ VALUE_SCHEMAS = {
     "pv-state": "pv-state-value",
     "active-alarms": "active-alarms-value",
     "dead-letters": "dead-letters-value",
+    "alarm-history": "alarm-history-value",  # append-only (alarm_engine/history.py)
 }
 
 
@@ -114,6 +115,13 @@ class Settings:
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def engine_app_id(s: Settings) -> str:
+    """The worker's Faust app id: its consumer group and the prefix of its changelogs.
+    A topic prefix isolates a whole engine (tests, staging), so it gets its own."""
+    prefix = s.topic_prefix.strip(".-_")
+    return f"{s.app_id}-{prefix}" if prefix else s.app_id
 
 
 def hot_group(app_id: str) -> str:

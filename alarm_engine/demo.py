@@ -52,8 +52,23 @@ def _stop(proc: subprocess.Popen | None, name: str) -> None:
         proc.wait()
 
 
+WEB_LISTEN = os.environ.get("ALARM_ENGINE_WEB_LISTEN", "127.0.0.1:8088")
+WEB_USER, WEB_PASSWORD = "demo", "demo"
+
+
+def _start_web(env: dict, logs: Path) -> subprocess.Popen:
+    """The operator's page, readable by anyone, with one demo operator who may shelve."""
+    from alarm_engine.web.auth import set_user
+
+    users = logs / "web-users"
+    set_user(str(users), WEB_USER, WEB_PASSWORD)
+    return subprocess.Popen([sys.executable, "-m", "alarm_engine.cli", "web", "--listen", WEB_LISTEN],
+                            env=dict(env, ALARM_ENGINE_WEB_USERS=str(users), ALARM_ENGINE_WEB_ANONYMOUS_READ="1"),
+                            stdout=open(logs / "web.log", "w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
 def main() -> int:
-    ioc = worker = None
+    ioc = worker = web = None
     logs = Path(stack.stack_dir())
     # Kafka keeps the demo's records between runs, so the registry must keep their schemas.
     os.environ.setdefault("REGISTRY_STORAGE", "file")
@@ -74,6 +89,9 @@ def main() -> int:
         worker = subprocess.Popen([sys.executable, "-m", "faust", "-A", "alarm_engine", "worker", "-l", "info"],
                                   env=dict(env, ALARM_ENGINE_DATA_DIR=str(REPO / ".alarm-engine-data" / "demo")),
                                   stdout=worker_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
+        web = _start_web(env, logs)
+        print(f"\nAlarm page: http://{WEB_LISTEN}/  (operator {WEB_USER!r}, password {WEB_PASSWORD!r}; "
+              f"log {logs / 'web.log'})", flush=True)
         print(f"\nDemo running: IOC log {logs / 'demo-ioc.log'}, worker log {logs / 'worker.log'}.\n"
               f"Try in another shell:  .venv/bin/alarm-engine set-active 'Demo interlock' --note test\n"
               f"                       .venv/bin/alarm-engine set-shelved 'Demo temperature' --duration 1m\n"
@@ -84,6 +102,7 @@ def main() -> int:
         return 0
     finally:
         print("\nstopping...", flush=True)
+        _stop(web, "web page")
         _stop(worker, "worker")
         _stop(ioc, "demo IOC")
         stack.stop()

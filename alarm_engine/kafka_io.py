@@ -30,12 +30,13 @@ async def _start(client) -> None:
         raise
 
 
-async def produce(settings: Settings, topic: str, records: Iterable[tuple[bytes, bytes | None]]) -> int:
+async def produce(settings: Settings, topic: str, records: Iterable[tuple[bytes, bytes | None]],
+                  headers: list[tuple[str, bytes]] | None = None) -> int:
     """Send (key, value) pairs to a physical topic and wait for every ack."""
     producer = AIOKafkaProducer(**settings.kafka_kwargs(), acks="all", linger_ms=5)
     await _start(producer)
     try:
-        futures = [await producer.send(topic, key=k, value=v) for k, v in records]
+        futures = [await producer.send(topic, key=k, value=v, headers=headers) for k, v in records]
         await asyncio.gather(*futures)
         return len(futures)
     finally:

@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 
-FIGURES = ("flood", "flood-rule", "flood-mixed", "latency", "restart", "fanin", "fleet", "idle", "apply")
+FIGURES = ("flood", "flood-rule", "flood-mixed", "latency", "restart", "fanin", "fleet", "idle", "apply", "web")
 
 
 def _need(module: str, extra: str = "bench") -> None:
@@ -76,6 +76,7 @@ def main(argv=None) -> int:
         "fleet": lambda: flood.run_fleet(args.quick),
         "idle": lambda: idle.run(args.quick, ca_port),
         "apply": lambda: apply_figure.run(args.quick),
+        "web": lambda: __import__("bench.web").web.run(args.quick),  # the page in chromium (bench/web.py)
     }
     wanted = args.only or list(FIGURES)
     results, failed = [], []

@@ -20,4 +20,7 @@ def settings() -> Settings:
 
     s = Settings.from_env(topic_prefix=f"t{uuid.uuid4().hex[:8]}.", partitions=3)
     asyncio.run(ensure_topics(s, extra_config=FAST_COMPACTION))
+    from alarm_engine.history import ensure_topic as ensure_history  # append-only, its own policy
+
+    asyncio.run(ensure_history(s))
     return s

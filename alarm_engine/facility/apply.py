@@ -98,7 +98,7 @@ async def produce(settings: Settings, codec, writes, progress=None, user: str = 
 
     schemas = fileformat.schemas()
     fields = {t: {f["name"] for f in s["fields"]} for t, s in schemas.items()}
-    headers = [("user", user.encode()), ("host", host.encode()), ("producer", b"alarm-engine apply")]
+    headers = [("user", user.encode()), ("host", host.encode()), ("client", b"alarm-engine apply")]
     producer = AIOKafkaProducer(**settings.kafka_kwargs(), acks="all", linger_ms=20,
                                 max_batch_size=512 * 1024, enable_idempotence=True)
     try:

@@ -8,6 +8,7 @@ Data flow (each arrow a topic; tables in brackets; the module that does it):
   alarms, shelved-alarms, alarm-activations, alarm-inputs
       --> alarm_agent [alarm-state] --> active-alarms (rule, external alarms)
                                     --> alarm-deps (to the PVs' homes)        alarms.py
+  active-alarms, operator topics --> history writer --> alarm-history         history_writer.py
 
 Every topic has the same partition count so that Faust assigns the same partition
 numbers of the PV-keyed topics (and of the alarm-keyed topics) to the same worker.
@@ -20,7 +21,9 @@ leans on Faust's private parts; exits.py: how the worker gives up. docs/design.m
 has the picture and the correctness argument.
 """
 
-from alarm_engine.worker import alarms, bridge, hotpath  # noqa: F401  (register agents, tasks, timers)
-from alarm_engine.worker.app import app
+from alarm_engine.worker import alarms, bridge, history_writer, hotpath  # noqa: F401  (register agents, tasks, timers)
+from alarm_engine.worker.app import app, settings
+
+history_writer.install(app, settings)  # alarm-history, with its own clients
 
 __all__ = ["app"]

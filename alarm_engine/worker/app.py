@@ -11,7 +11,7 @@ from pathlib import Path
 
 import faust
 
-from alarm_engine.config import Settings
+from alarm_engine.config import Settings, engine_app_id
 from alarm_engine.topics import ensure_topics
 from alarm_engine.worker import faust_internals, trace
 from alarm_engine.worker.faust_internals import Table, Transport
@@ -20,12 +20,6 @@ log = logging.getLogger("alarm_engine")
 
 settings = Settings.from_env()
 P = settings.partitions
-
-
-def _app_id(s: Settings) -> str:
-    # A topic prefix isolates a whole engine (tests, staging): give it its own group and changelogs.
-    prefix = s.topic_prefix.strip(".-_")
-    return f"{s.app_id}-{prefix}" if prefix else s.app_id
 
 
 def _credentials(s: Settings):
@@ -65,7 +59,7 @@ class AlarmEngineApp(faust.App):
         await ensure_topics(settings)
 
 
-APP_ID = _app_id(settings)
+APP_ID = engine_app_id(settings)
 app = AlarmEngineApp(
     APP_ID,
     broker=";".join(f"kafka://{h.strip()}" for h in settings.bootstrap.split(",")),

@@ -425,7 +425,7 @@ def input_offsets(settings: Settings, committed: bool = True) -> tuple[dict, dic
 
 def group_lag(settings: Settings) -> int:
     """Records of the engine's input topics not yet committed by its consumer group
-    (the app id, as worker.app._app_id makes it)."""
+    (the app id, config.engine_app_id)."""
     committed, ends = input_offsets(settings)
     return sum(max(0, end - committed[tp]) for tp, end in ends.items())
 

@@ -186,7 +186,7 @@ def test_records_carry_user_and_host_headers(settings, capsys, monkeypatch):
             await c.stop()
 
     asyncio.run(read())
-    assert c_headers and all(h["user"] == b"operator7" and h["host"] and h["producer"] == b"alarm-engine apply"
+    assert c_headers and all(h["user"] == b"operator7" and h["host"] and h["client"] == b"alarm-engine apply"
                              for h in c_headers)
 
 

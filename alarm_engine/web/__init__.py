@@ -1,0 +1,1 @@
+"""The operator's window: a live web page and a JSON API (`alarm-engine web`)."""
