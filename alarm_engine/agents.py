@@ -35,7 +35,8 @@ from alarm_engine import log_probe, records
 from alarm_engine.codec import BadRecord, RegistryUnavailable, decode_key
 from alarm_engine.config import Settings
 from alarm_engine.engine import AlarmProcessor, Out, Router, dead_letter
-from alarm_engine.topics import ensure_topics
+from alarm_engine import health, liveness, membership, partitioning, preflight, service, watchdog
+from alarm_engine.config import ALL_TOPICS
 
 log = logging.getLogger("alarm_engine")
 
@@ -384,17 +385,27 @@ class AlarmEngineApp(faust.App):
         # Faust creates the data directory but not its parents.
         Path(self.conf.datadir).parent.mkdir(parents=True, exist_ok=True)
         await super().on_first_start()
-        # Input and output topics must exist before the consumer subscribes.
-        await ensure_topics(settings)
+        # Every topic (Faust's changelogs too) must exist, with its partition count,
+        # before the consumer subscribes; a misconfiguration exits in one line.
+        await preflight.run(self, settings, ALL_TOPICS + (liveness.STATUS_TOPIC,))
+
+    async def _on_agent_error(self, agent, exc: BaseException) -> None:
+        # An agent that crashed ends the worker (non-zero): never a worker with a dead agent.
+        await watchdog.agent_crashed(agent, exc)
+
+    def agent(self, channel=None, **kwargs):
+        decorate = super().agent(channel, **kwargs)
+        return lambda fun: decorate(watchdog.with_fault(fun, lambda: self.conf.datadir))
 
 
 APP_ID = _app_id(settings)
+DATA_DIR = os.environ.get("ALARM_ENGINE_DATA_DIR", f".alarm-engine-data/{APP_ID}-{socket.gethostname()}")
 app = AlarmEngineApp(
     APP_ID,
     broker=";".join(f"kafka://{h.strip()}" for h in settings.bootstrap.split(",")),
     broker_credentials=_credentials(settings),
     store="rocksdb://",
-    datadir=os.environ.get("ALARM_ENGINE_DATA_DIR", f".alarm-engine-data/{APP_ID}-{socket.gethostname()}"),
+    datadir=DATA_DIR,
     topic_partitions=P,
     topic_replication_factor=settings.replication,
     key_serializer="raw",
@@ -410,6 +421,8 @@ app = AlarmEngineApp(
     # write a table key, or an active-alarms record, after the new owner took over.
     stream_wait_empty=True,
     table_standby_replicas=0,
+    # Failover in seconds and static group membership (alarm_engine/membership.py).
+    **membership.group_settings(APP_ID, DATA_DIR),
 )
 
 
@@ -765,6 +778,7 @@ async def handle_batches(stream, compute, views) -> None:
     fence = Fence(views[0])
     consumer = app.consumer
     async for events in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
+        health.metrics.batch(getattr(views[0].t, "name", "?"), len(events))
         outs: list[Out] = []
         done = []  # the events to acknowledge: all but those left to a copy read again
         try:
@@ -884,7 +898,7 @@ def _monitored_outputs(topic: str, pv: str, value: bytes | None, msg) -> list[Ou
 @app.agent(monitored_in, concurrency=1)
 async def monitored_agent(stream):
     """monitored-pvs -> CA subscriptions; removal also clears the PV's state."""
-    await handle_batches(stream, _monitored_outputs, (monitored_view,))
+    await handle_batches(stream, partitioning.checked(_monitored_outputs, P), (monitored_view,))
 
 
 @monitored.on_recover
@@ -919,7 +933,7 @@ def _alarm_outputs(topic: str, key: str, value: bytes | None, msg) -> list[Out]:
 @app.agent(alarm_keyed_in, concurrency=1)
 async def alarm_agent(stream):
     """Definitions, shelving, activations and PV inputs -> active-alarms."""
-    await handle_batches(stream, _alarm_outputs, (alarm_state_view,))
+    await handle_batches(stream, partitioning.checked(_alarm_outputs, P), (alarm_state_view,))
 
 
 @alarm_state.on_recover
@@ -949,3 +963,8 @@ async def _drop_timers(sender, revoked, **kwargs) -> None:
     if _processor is not None and any(tp.topic == settings.topic("alarms") for tp in revoked):
         # Rebuilt from the table for the partitions kept, on recovery.
         _processor.deadlines.clear()
+
+
+# The worker as a service: heartbeat, /healthz and /metrics, crash watch, quiet logs.
+heartbeat = service.install(app, settings, LOGICAL, {settings.topic(t): t for t in OUT}, bridge,
+                            app.conf.consumer_group_instance_id or f"{APP_ID}-{socket.gethostname()}-{os.getpid()}")

@@ -1,0 +1,107 @@
+"""A worker never runs with a part of it dead: an agent or a service that crashes
+ends the process with a non-zero status, so that its supervisor (`alarm-engine
+worker`, or any process manager around `faust -A alarm_engine worker`) restarts it
+and the restarted worker replays from its committed offsets.
+
+Faust's own reaction is to log "Crashed reason=..." and go on: an agent's actor is
+restarted by its supervisor a few times and then given up, a crashed service stays
+crashed, while the process stays alive and keeps its partitions. Two mechanisms:
+
+- agents: Faust calls the app's agent error handler (`App._on_agent_error`, see
+  "agent-errors" in Faust's agents guide) with the exception that ended an agent;
+  `agent_crashed` exits from there, before the actor is restarted;
+- any other service (timers, tables, the consumer, the web server): `watch` walks
+  the app's service tree every second and exits when a service reports `crashed`
+  (mode's public flag). Agent actors are left out: Faust marks them crashed when it
+  restarts them on a rebalance, which is not an error.
+
+Test-only fault: ALARM_ENGINE_FAULT_CRASH_AGENT=<agent function name> makes that agent
+raise ALARM_ENGINE_FAULT_AFTER_S (default 5) seconds after it starts, once per data
+directory (a marker file there keeps the restarted worker from crashing again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("alarm_engine")
+
+EXIT_CRASHED = 70  # EX_SOFTWARE
+FAULT_ENV = "ALARM_ENGINE_FAULT_CRASH_AGENT"
+FAULT_MARKER = "injected-fault-done"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the test-only fault (ALARM_ENGINE_FAULT_CRASH_AGENT)."""
+
+
+def exit_now(line: str, status: int = EXIT_CRASHED, exc: BaseException | None = None) -> None:
+    if exc is not None:
+        log.critical("%s: exiting so that the worker restarts", line,
+                     exc_info=(type(exc), exc, exc.__traceback__))
+    else:
+        log.critical("%s: exiting so that the worker restarts", line)
+    logging.shutdown()
+    os._exit(status)
+
+
+async def agent_crashed(agent, exc: BaseException) -> None:
+    exit_now(f"agent {getattr(agent, 'name', agent)} crashed ({exc.__class__.__name__}: {exc})", exc=exc)
+
+
+def crashed_services(root) -> list:
+    """The services below `root` (mode beacon tree) that say they crashed, actors left out."""
+    from faust.agents.actor import Actor
+
+    found, seen, todo = [], set(), [root.beacon]
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        data = getattr(node, "data", None)
+        if getattr(data, "crashed", False) and not isinstance(data, Actor):
+            found.append(data)
+        todo.extend(getattr(node, "children", ()) or ())
+    return found
+
+
+async def watch(app, interval: float = 1.0) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        dead = crashed_services(app)
+        if dead:
+            reason = getattr(dead[0], "crash_reason", None)
+            exit_now(f"service {dead[0]!r} crashed ({reason.__class__.__name__}: {reason})"
+                     if reason is not None else f"service {dead[0]!r} crashed")
+
+
+def with_fault(fun, datadir_of):
+    """`fun` (an agent function), made to crash if ALARM_ENGINE_FAULT_CRASH_AGENT names it."""
+    if os.environ.get(FAULT_ENV) != fun.__name__:
+        return fun
+    after = float(os.environ.get("ALARM_ENGINE_FAULT_AFTER_S", "5"))
+
+    @functools.wraps(fun)
+    async def crashing(stream):
+        marker = Path(datadir_of()) / FAULT_MARKER
+        if marker.exists():
+            return await fun(stream)
+        task = asyncio.ensure_future(fun(stream))
+        done, _ = await asyncio.wait([task], timeout=after)
+        if done:
+            return task.result()
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("1")
+        task.cancel()  # wherever the agent is, as a real crash would be
+        try:
+            await task
+        except BaseException:
+            pass
+        raise InjectedFault(f"fault injected by {FAULT_ENV}={fun.__name__}")
+
+    return crashing
