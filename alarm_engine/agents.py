@@ -400,6 +400,7 @@ class AlarmEngineApp(faust.App):
 
 APP_ID = _app_id(settings)
 DATA_DIR = os.environ.get("ALARM_ENGINE_DATA_DIR", f".alarm-engine-data/{APP_ID}-{socket.gethostname()}")
+WEB_PORT, SAME_WEB_PORT = membership.web_port(DATA_DIR)
 app = AlarmEngineApp(
     APP_ID,
     broker=";".join(f"kafka://{h.strip()}" for h in settings.bootstrap.split(",")),
@@ -414,7 +415,8 @@ app = AlarmEngineApp(
     producer_acks=-1,
     # `faust worker` turns the web server on unless given --without-web; a free
     # port by default lets several workers share a machine (--web-port N pins it).
-    web_port=int(os.environ.get("ALARM_ENGINE_WEB_PORT") or _free_port()),
+    # The port is kept across restarts (membership.web_port: static membership needs it).
+    web_port=WEB_PORT,
     web_bind="127.0.0.1",
     # On a rebalance, finish the records in hand (send, acknowledge, write the
     # tables) before giving the partitions up: otherwise the old owner could still
@@ -422,7 +424,7 @@ app = AlarmEngineApp(
     stream_wait_empty=True,
     table_standby_replicas=0,
     # Failover in seconds and static group membership (alarm_engine/membership.py).
-    **membership.group_settings(APP_ID, DATA_DIR),
+    **membership.group_settings(APP_ID, DATA_DIR, static=SAME_WEB_PORT),
 )
 
 

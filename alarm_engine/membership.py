@@ -18,6 +18,13 @@ the others within seconds, and a restarted worker takes its own back at once.
   LeaveGroup for it): a cleanly stopped worker's partitions move after the session
   timeout too. ALARM_ENGINE_STATIC_MEMBERSHIP=0 turns it off.
 
+A static member's assignment, kept by the broker, carries the worker's web URL, and
+Faust refuses an assignment with another URL than its own (an assertion in its
+assignor kills the consumer's group coordination). So the web port must not change
+across restarts: without ALARM_ENGINE_WEB_PORT the port chosen at the first start is
+kept in the data directory (`web-port`) and taken again; when it cannot be (the port
+is taken), the worker runs this once as a dynamic member.
+
 Faust's own variables (BROKER_SESSION_TIMEOUT, BROKER_HEARTBEAT_INTERVAL,
 BROKER_REBALANCE_TIMEOUT, CONSUMER_GROUP_INSTANCE_ID) still win over these.
 """
@@ -46,11 +53,48 @@ def instance_id(app_id: str, datadir: str, env=None, host: str | None = None) ->
     return f"{app_id}-{host}-{digest}"
 
 
-def group_settings(app_id: str, datadir: str, env=None) -> dict:
-    """Faust App keyword arguments."""
+def _bindable(port: int, host: str) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def web_port(datadir: str, env=None, host: str = "127.0.0.1") -> tuple[int, bool]:
+    """(port, the same as at the last start): ALARM_ENGINE_WEB_PORT, else the port kept
+    in the data directory if it can be bound, else a free one (kept from now on)."""
+    env = os.environ if env is None else env
+    if env.get("ALARM_ENGINE_WEB_PORT"):
+        return int(env["ALARM_ENGINE_WEB_PORT"]), True
+    path = os.path.join(datadir, "web-port")
+    try:
+        with open(path) as f:
+            kept = int(f.read().strip())
+    except (OSError, ValueError):
+        kept = None
+    if kept is not None and _bindable(kept, host):
+        return kept, True
+    port = _free_port(host)
+    os.makedirs(datadir, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"{port}\n")
+    return port, kept is None  # a first start has no assignment to disagree with
+
+
+def group_settings(app_id: str, datadir: str, env=None, static: bool = True) -> dict:
+    """Faust App keyword arguments; `static` False: a dynamic member this time."""
     return {
         "broker_session_timeout": SESSION_TIMEOUT_S,
         "broker_heartbeat_interval": HEARTBEAT_INTERVAL_S,
         "broker_rebalance_timeout": REBALANCE_TIMEOUT_S,
-        "consumer_group_instance_id": instance_id(app_id, datadir, env),
+        "consumer_group_instance_id": instance_id(app_id, datadir, env) if static else None,
     }

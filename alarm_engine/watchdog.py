@@ -15,9 +15,13 @@ crashed, while the process stays alive and keeps its partitions. Two mechanisms:
   (mode's public flag). Agent actors are left out: Faust marks them crashed when it
   restarts them on a rebalance, which is not an error.
 
+- the consumer: aiokafka's group coordination can end with an error while the
+  process runs on without partitions; `watch` exits then too.
+
 Test-only fault: ALARM_ENGINE_FAULT_CRASH_AGENT=<agent function name> makes that agent
-raise ALARM_ENGINE_FAULT_AFTER_S (default 5) seconds after it starts, once per data
-directory (a marker file there keeps the restarted worker from crashing again).
+raise, from its own loop at its first batch ALARM_ENGINE_FAULT_AFTER_S (default 5)
+seconds after it starts, once per data directory (a marker file there keeps the
+restarted worker from crashing again).
 """
 
 from __future__ import annotations
@@ -70,14 +74,48 @@ def crashed_services(root) -> list:
     return found
 
 
+def coordination_failed(app) -> BaseException | None:
+    """aiokafka's group coordination task ended with an error (it logs "Unexpected error in
+    coordinator routine" and stops: the consumer then never gets partitions again, while
+    the process runs on). Read from aiokafka's consumer, which has no public flag for it."""
+    consumer = getattr(getattr(app.consumer, "_thread", None), "_consumer", None)
+    task = getattr(getattr(consumer, "_coordinator", None), "_coordination_task", None)
+    if task is None or not task.done() or task.cancelled():
+        return None
+    return task.exception()
+
+
 async def watch(app, interval: float = 1.0) -> None:
     while True:
         await asyncio.sleep(interval)
+        failed = coordination_failed(app)
+        if failed is not None:
+            exit_now(f"the Kafka consumer's group coordination failed ({failed.__class__.__name__}: {failed})",
+                     exc=failed)
         dead = crashed_services(app)
         if dead:
             reason = getattr(dead[0], "crash_reason", None)
             exit_now(f"service {dead[0]!r} crashed ({reason.__class__.__name__}: {reason})"
                      if reason is not None else f"service {dead[0]!r} crashed")
+
+
+class _FaultyStream:
+    """The agent's stream, whose batches stop with InjectedFault once the fault is due:
+    the exception comes out of the agent's own loop, between two batches."""
+
+    def __init__(self, stream, due: float, fire):
+        self._stream, self._due, self._fire = stream, due, fire
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def noack_take(self, *args, **kwargs):
+        async def batches():
+            async for batch in self._stream.noack_take(*args, **kwargs):
+                if asyncio.get_running_loop().time() >= self._due:
+                    self._fire()
+                yield batch
+        return batches()
 
 
 def with_fault(fun, datadir_of):
@@ -91,17 +129,12 @@ def with_fault(fun, datadir_of):
         marker = Path(datadir_of()) / FAULT_MARKER
         if marker.exists():
             return await fun(stream)
-        task = asyncio.ensure_future(fun(stream))
-        done, _ = await asyncio.wait([task], timeout=after)
-        if done:
-            return task.result()
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text("1")
-        task.cancel()  # wherever the agent is, as a real crash would be
-        try:
-            await task
-        except BaseException:
-            pass
-        raise InjectedFault(f"fault injected by {FAULT_ENV}={fun.__name__}")
+
+        def fire():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("1")
+            raise InjectedFault(f"fault injected by {FAULT_ENV}={fun.__name__}")
+
+        return await fun(_FaultyStream(stream, asyncio.get_running_loop().time() + after, fire))
 
     return crashing
