@@ -20,6 +20,9 @@ import logging
 import time
 
 REMIND_S = 30.0
+# After the end of an outage, a broker that has just come back still refuses a few
+# requests (its group coordinator loads): such lines within SETTLE_S are the outage's tail.
+SETTLE_S = 15.0
 
 # Substrings of the lines Kafka clients repeat while the broker is unreachable: the
 # connection errors start an outage; the others are its side effects, held back only
@@ -27,9 +30,10 @@ REMIND_S = 30.0
 CONNECTION = (
     "Unable connect to node", "Unable to connect to node", "Unable to update metadata",
     "Unable to request metadata", "Connect attempt to", "KafkaConnectionError", "NodeNotReadyError",
-    "Connection refused", "Coordinator dead", "Marking the coordinator dead",
+    "Connection refused",
 )
 SIDE_EFFECTS = (
+    "Coordinator dead", "Marking the coordinator dead", "coordinator (node",
     "Failed fetch messages", "Timer commit is overlapping", "when flow not active", "Heartbeat failed",
     "Heartbeat session expired", "Got error produce response", "Error sending", "RequestTimedOutError",
     "Failed to commit", "OffsetCommit failed", "Group Coordinator Request failed", "Unable to send",
@@ -52,8 +56,10 @@ def noise_kind(logger_name: str, message: str) -> str | None:
 class OutageGate:
     """Decides what becomes of each noise line and of each sign of Kafka being back."""
 
-    def __init__(self, remind_s: float = REMIND_S):
+    def __init__(self, remind_s: float = REMIND_S, settle_s: float = SETTLE_S):
         self.remind_s = remind_s
+        self.settle_s = settle_s
+        self.ended_at: float | None = None
         self.since: float | None = None  # start of the outage in progress
         self.last_shown = 0.0
         self.held = 0  # lines dropped since the last one shown
@@ -64,8 +70,15 @@ class OutageGate:
     def in_outage(self) -> bool:
         return self.since is not None
 
+    def quiet(self, now: float) -> bool:
+        """In an outage or its tail: the side effects are held back too."""
+        return self.since is not None or (self.ended_at is not None and now - self.ended_at < self.settle_s)
+
     def on_noise(self, now: float) -> str:
         """'start' (show as the outage's warning), 'remind' (show as a reminder) or 'drop'."""
+        if self.since is None and self.ended_at is not None and now - self.ended_at < self.settle_s:
+            self.held_total += 1
+            return "drop"
         if self.since is None:
             self.since = self.last_shown = now
             self.held = self.held_total = 0
@@ -82,7 +95,7 @@ class OutageGate:
         if self.since is None:
             return None
         length, held = now - self.since, self.held_total
-        self.since = None
+        self.since, self.ended_at = None, now
         self.last_outage_s = round(length, 1)
         return length, held
 
@@ -107,7 +120,7 @@ class QuietFilter(logging.Filter):
         except Exception:
             return True
         kind = None if record.levelno >= logging.CRITICAL else noise_kind(record.name, message)
-        if kind is None or (kind == "side effect" and not self.gate.in_outage):
+        if kind is None or (kind == "side effect" and not self.gate.quiet(self.clock())):
             record._quiet = True
             return True
         action = self.gate.on_noise(self.clock())
@@ -121,7 +134,8 @@ class QuietFilter(logging.Filter):
             text = (f"Kafka still unreachable after {self.clock() - self.gate.since:.0f} s "
                     f"({self.gate.held} line(s) held back since the last one): {message}")
             self.gate.held = 0
-        record.msg, record.args, record.exc_info, record.exc_text = text, None, None, None
+        # args (), not None: mode's formatter makes None into (None,)
+        record.msg, record.args, record.exc_info, record.exc_text = text, (), None, None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record._quiet = True
         return True

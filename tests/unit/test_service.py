@@ -117,6 +117,8 @@ def test_outage_gate_one_warning_reminders_and_one_end():
     assert gate.on_ok(100.0) == (100.0, 950 - 4)
     assert gate.on_ok(101.0) is None  # ended once
     assert gate.last_outage_s == 100.0
+    assert gate.on_noise(110.0) == "drop"  # the tail of the outage, while the broker settles
+    assert gate.on_noise(100.0 + quiet_logs.SETTLE_S) == "start"  # a new outage
 
 
 def _record(name, msg, level=logging.ERROR):
