@@ -35,7 +35,7 @@ from alarm_engine import log_probe, records
 from alarm_engine.codec import BadRecord, RegistryUnavailable, decode_key
 from alarm_engine.config import Settings
 from alarm_engine.engine import AlarmProcessor, Out, Router, dead_letter
-from alarm_engine import health, liveness, membership, partitioning, preflight, service, watchdog
+from alarm_engine import health, internal_records, liveness, membership, partitioning, preflight, service, watchdog
 from alarm_engine.config import ALL_TOPICS
 
 log = logging.getLogger("alarm_engine")
@@ -923,7 +923,8 @@ async def _on_revoked(sender, revoked, **kwargs) -> None:
 @app.agent(pv_keyed_in, concurrency=1)
 async def router_agent(stream):
     """pv-state and alarm-deps (keyed by PV) -> alarm-inputs (keyed by alarm)."""
-    await handle_batches(stream, lambda topic, key, value, msg: router().handle(topic, key, value), router_views)
+    await handle_batches(stream, internal_records.checked(lambda topic, key, value, msg: router().handle(topic, key, value)),
+                         router_views)
 
 
 def _alarm_outputs(topic: str, key: str, value: bytes | None, msg) -> list[Out]:
@@ -935,7 +936,7 @@ def _alarm_outputs(topic: str, key: str, value: bytes | None, msg) -> list[Out]:
 @app.agent(alarm_keyed_in, concurrency=1)
 async def alarm_agent(stream):
     """Definitions, shelving, activations and PV inputs -> active-alarms."""
-    await handle_batches(stream, partitioning.checked(_alarm_outputs, P), (alarm_state_view,))
+    await handle_batches(stream, partitioning.checked(internal_records.checked(_alarm_outputs), P), (alarm_state_view,))
 
 
 @alarm_state.on_recover

@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 
-FIGURES = ("flood", "latency", "restart", "fanin", "fleet")
+FIGURES = ("flood", "latency", "restart", "fanin", "fleet", "failover")
 
 
 def _need(module: str, extra: str = "bench") -> None:
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     os.environ["EPICS_CA_AUTO_ADDR_LIST"] = "NO"
     os.environ["BENCH_CA_PORT"] = str(ca_port)
 
-    from bench import fanin, flood, latency, restart
+    from bench import failover, fanin, flood, latency, restart
 
     if args.flood_records:
         flood.FLOOD_RECORDS = args.flood_records
@@ -68,6 +68,7 @@ def main(argv=None) -> int:
         "restart": lambda: restart.run(args.quick),
         "fanin": lambda: fanin.run(args.quick, ca_port),
         "fleet": lambda: flood.run_fleet(args.quick),
+        "failover": lambda: failover.run(args.quick),
     }
     wanted = args.only or list(FIGURES)
     results, failed = [], []

@@ -173,3 +173,34 @@ def test_metrics_text_has_the_series():
                    'alarm_engine_record_age_seconds_bucket{le="0.025",topic="pv-state"} 1.0',
                    'alarm_engine_input_lag{topic="alarms"} 4.0', 'alarm_engine_ca_pvs{state="connected"} 2.0'):
         assert series in text, series
+
+
+@pytest.mark.parametrize("topic,value,reason", [
+    ("alarm-deps", b'{"alarm": 5, "uses": "x"}', "alarm-deps: value.alarm: expected a string, got 5"),
+    ("alarm-deps", b'{"alarm": "a", "uses": "x"}', "alarm-deps: value.uses: expected true or false"),
+    ("alarm-deps", b"garbage", "alarm-deps: malformed JSON"),
+    ("alarm-deps", None, "alarm-deps: a tombstone is not a valid record here"),
+    ("alarm-deps", b'{"alarm": "", "uses": true}', "alarm-deps: value.alarm: must be 1 to"),
+    ("alarm-inputs", b'{"tick": "a"}', "alarm-inputs: value.tick: expected an integer"),
+    ("alarm-inputs", b'{"x": 1}', "alarm-inputs: value: unknown field 'x'"),
+    ("alarm-inputs", b"5", "alarm-inputs: value: expected an object, got int"),
+    ("alarm-inputs", b'{"pv": "X", "state": {"connection": "BAD"}}', "alarm-inputs: value.state"),
+    ("alarm-inputs", b"\xff", "alarm-inputs: value is not UTF-8"),
+])
+def test_internal_records_get_schema_level_reasons(topic, value, reason):
+    from alarm_engine import internal_records
+
+    with pytest.raises(BadRecord) as e:
+        internal_records.VALIDATORS[topic](value)
+    assert str(e.value).startswith(reason), str(e.value)
+
+
+def test_internal_records_accept_what_the_engine_writes():
+    from alarm_engine import engine, internal_records
+
+    state = {"connection": "CONNECTED", "value": 1.5, "severity": "MAJOR", "status": "HIHI",
+             "iocTimestamp": 1, "receivedAt": 2}
+    assert internal_records.alarm_deps(engine._json({"alarm": "a", "uses": True}))["uses"] is True
+    assert internal_records.alarm_input(engine._json({"tick": 5})) == {"tick": 5}
+    assert internal_records.alarm_input(engine._json({"pv": "X", "state": state}))["state"] == state
+    assert internal_records.alarm_input(engine._json({"pv": "X", "state": None}))["state"] is None
