@@ -11,8 +11,8 @@ the others within seconds, and a restarted worker takes its own back at once.
   group_instance_id, Faust's consumer_group_instance_id): a worker restarted within
   the session timeout rejoins as the same member, and gets its partitions back
   without waiting out its old session or a rebalance of the whole group. The id is
-  ALARM_ENGINE_INSTANCE_ID, or made from the host and the data directory (one per
-  worker, since two workers cannot share a RocksDB directory). Two processes with one
+  ALARM_ENGINE_INSTANCE_ID, or made at the first start and kept in the data directory
+  (one per worker, since two workers cannot share a RocksDB directory). Two processes with one
   id fence each other (FencedInstanceIdError): give each worker its own directory.
   A static member does not leave the group when it stops (aiokafka sends no
   LeaveGroup for it): a cleanly stopped worker's partitions move after the session
@@ -31,9 +31,9 @@ BROKER_REBALANCE_TIMEOUT, CONSUMER_GROUP_INSTANCE_ID) still win over these.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
+import uuid
 
 SESSION_TIMEOUT_S = 6.0
 HEARTBEAT_INTERVAL_S = 2.0
@@ -41,16 +41,29 @@ REBALANCE_TIMEOUT_S = 30.0
 
 
 def instance_id(app_id: str, datadir: str, env=None, host: str | None = None) -> str | None:
-    """This worker's group.instance.id, stable across restarts; None: static membership off."""
+    """This worker's group.instance.id, stable across restarts; None: static membership off.
+    Kept in the data directory (`instance-id`): a worker whose directory is lost comes
+    back as a new member (its old one expires after the session timeout), never as
+    the old one with an assignment made for another web URL."""
     env = os.environ if env is None else env
     if env.get("ALARM_ENGINE_STATIC_MEMBERSHIP", "1").strip().lower() in ("0", "no", "false", "off"):
         return None
     given = (env.get("ALARM_ENGINE_INSTANCE_ID") or "").strip()
     if given:
         return given
-    host = host or socket.gethostname()
-    digest = hashlib.sha1(os.path.abspath(datadir).encode()).hexdigest()[:10]
-    return f"{app_id}-{host}-{digest}"
+    path = os.path.join(datadir, "instance-id")
+    try:
+        with open(path) as f:
+            kept = f.read().strip()
+        if kept:
+            return kept
+    except OSError:
+        pass
+    made = f"{app_id}-{host or socket.gethostname()}-{uuid.uuid4().hex[:10]}"
+    os.makedirs(datadir, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(made + "\n")
+    return made
 
 
 def _bindable(port: int, host: str) -> bool:
@@ -83,11 +96,13 @@ def web_port(datadir: str, env=None, host: str = "127.0.0.1") -> tuple[int, bool
         kept = None
     if kept is not None and _bindable(kept, host):
         return kept, True
+    # A first start (no instance id kept yet) has no assignment to disagree with.
+    first = kept is None and not os.path.exists(os.path.join(datadir, "instance-id"))
     port = _free_port(host)
     os.makedirs(datadir, exist_ok=True)
     with open(path, "w") as f:
         f.write(f"{port}\n")
-    return port, kept is None  # a first start has no assignment to disagree with
+    return port, first
 
 
 def group_settings(app_id: str, datadir: str, env=None, static: bool = True) -> dict:

@@ -324,3 +324,30 @@ def _outage(rig, tmp_path, down_s: float):
     assert len(starts) <= 1 + w.restarts(), "\n".join(starts)
     assert len(reminders) <= down_s / 30 + 2, "\n".join(reminders)
     assert len(errors) <= 10, "\n".join(errors[:40])
+
+
+# --- 6. the engine's own topics --------------------------------------------------------
+
+def test_garbage_on_internal_topics_gets_schema_level_reasons(settings, tmp_path):
+    s, codec = settings, make_codec(settings)
+    w = Worker(s, tmp_path / "w1", "w1").start()
+    try:
+        bad = [("alarm-deps", b"PV:1", b'{"alarm": 5, "uses": "x"}'), ("alarm-deps", b"PV:2", b"garbage"),
+               ("alarm-inputs", b"a1", b'{"pv": "PV:1", "state": {"connection": "BAD"}}'),
+               ("alarm-inputs", b"a2", b"[]")]
+        for topic, key, value in bad:
+            asyncio.run(_send_to(s, topic, key, value, partition_of(key, s.partitions)))
+
+        def letters():
+            found = [d for d in asyncio.run(_dead_letters(s, codec)) if d["sourceTopic"] in ("alarm-deps", "alarm-inputs")]
+            return found if len(found) >= len(bad) else None
+
+        reasons = sorted(d["reason"] for d in _wait(letters, 60, "the dead letters"))
+        assert reasons == sorted([
+            "alarm-deps: value.alarm: expected a string, got 5",
+            "alarm-deps: malformed JSON: Expecting value: line 1 column 1 (char 0)",
+            "alarm-inputs: value.state: matches none of PVState (fields given: connection)",
+            "alarm-inputs: value: expected an object, got list"]), reasons
+        assert "Traceback" not in w.output()
+    finally:
+        w.stop()

@@ -142,14 +142,22 @@ def test_quiet_filter_rewrites_the_first_and_drops_the_rest():
     assert f.filter(reminder) and "still unreachable after 31 s (2 line(s) held back" in reminder.getMessage()
 
 
-def test_instance_id_is_stable_per_data_dir_and_can_be_turned_off():
-    a = membership.instance_id("app", "/data/w1", env={}, host="h")
-    assert a == membership.instance_id("app", "/data/w1", env={}, host="h")
-    assert a != membership.instance_id("app", "/data/w2", env={}, host="h")
+def test_instance_id_is_kept_in_the_data_dir_and_can_be_turned_off(tmp_path):
+    a = membership.instance_id("app", str(tmp_path / "w1"), env={}, host="h")
+    assert a.startswith("app-h-") and a == membership.instance_id("app", str(tmp_path / "w1"), env={})
+    assert a != membership.instance_id("app", str(tmp_path / "w2"), env={}, host="h")
     assert membership.instance_id("app", "/d", env={"ALARM_ENGINE_INSTANCE_ID": "x"}) == "x"
     assert membership.instance_id("app", "/d", env={"ALARM_ENGINE_STATIC_MEMBERSHIP": "0"}) is None
-    s = membership.group_settings("app", "/d", env={})
+    s = membership.group_settings("app", str(tmp_path / "w1"), env={})
     assert s["broker_session_timeout"] <= 10 and s["broker_heartbeat_interval"] < s["broker_session_timeout"] / 2
+    assert membership.group_settings("app", str(tmp_path / "w1"), env={}, static=False)["consumer_group_instance_id"] is None
+
+
+def test_web_port_is_kept_in_the_data_dir(tmp_path):
+    port, same = membership.web_port(str(tmp_path), env={})
+    assert same  # a first start
+    assert membership.web_port(str(tmp_path), env={}) == (port, True)
+    assert membership.web_port(str(tmp_path), env={"ALARM_ENGINE_WEB_PORT": "1234"}) == (1234, True)
 
 
 def test_health():
