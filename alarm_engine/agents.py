@@ -60,12 +60,6 @@ def _credentials(s: Settings):
     return ssl_context
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # Faust fixes the consumer's fetch_max_wait_ms at 1500. aiokafka keeps one fetch
 # in flight per broker and leaves out of it the partitions that still hold
 # buffered records; a record arriving on such a partition waits until that fetch

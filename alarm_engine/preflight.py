@@ -152,8 +152,11 @@ async def run(app, settings, engine_topics) -> None:
         # The engine's own topics first (their cleanup policies), then Faust's.
         try:
             await ensure_topics(settings, engine_topics)
-        except PreflightError:
-            raise
+        except RuntimeError as e:
+            if str(e).startswith("cannot create topic"):  # ensure_topics names the topic and the cause
+                raise PreflightError(str(e), EXIT_CONFIG) from None
+            raise PreflightError(f"cannot set up the topics at {settings.bootstrap}: "
+                                 f"{e.__class__.__name__}: {e}", EXIT_UNAVAILABLE) from None
         except Exception as e:
             raise PreflightError(f"cannot set up the topics at {settings.bootstrap}: "
                                  f"{e.__class__.__name__}: {e}", EXIT_UNAVAILABLE) from None
