@@ -350,6 +350,16 @@ class CAMonitor:
         with self._lock:
             return len(self._subs)
 
+    def connection_counts(self) -> dict[str, int]:
+        """How many subscriptions are connected, disconnected (after a connection),
+        and never connected yet: for the worker's heartbeat and metrics."""
+        with self._lock:
+            subs = list(self._subs.values())
+        connected = sum(1 for s in subs if s.connected)
+        lost = sum(1 for s in subs if not s.connected and s.ever_connected)
+        return {"subscribed": len(subs), "connected": connected, "disconnected": lost,
+                "never_connected": len(subs) - connected - lost}
+
     def mask(self, pv: str) -> frozenset[str] | None:
         """The mask symbols `pv` is subscribed with (None if not subscribed)."""
         with self._lock:

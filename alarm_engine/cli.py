@@ -244,12 +244,16 @@ async def cmd_list(args, settings: Settings) -> int:
         return raw.decode("utf-8", errors="replace") if raw else ""
 
     caught_up = False
+    partitions_of: dict[str, set[int]] = collections.defaultdict(set)  # keys written with another partitioner
     async for rec in replay(settings, settings.topic(topic), follow=args.follow):
         if rec is None:
             # The replay reached the end offsets: the state is complete.
             caught_up = True
+            _warn_split_keys(topic, partitions_of, settings)
             _print_state(args, topic, state)
             continue
+        if rec.key is not None:
+            partitions_of[rec.key.decode("utf-8", "replace")].add(rec.partition)
         try:
             key = decode_dead_letter_key(rec.key) if topic == "dead-letters" else decode_key(rec.key)
             value = codec.decode(topic, rec.value)
@@ -266,6 +270,14 @@ async def cmd_list(args, settings: Settings) -> int:
     if bad:
         print(f"warning: {bad} record(s) could not be read (see above)", file=sys.stderr)
     return 0
+
+
+def _warn_split_keys(topic: str, partitions_of: dict, settings: Settings) -> None:
+    from alarm_engine.partitioning import CHECKED_TOPICS, split_key_warning, split_keys
+
+    if topic in CHECKED_TOPICS:
+        for key, found in sorted(split_keys(partitions_of).items()):
+            print(split_key_warning(settings.topic(topic), key, found, settings.partitions), file=sys.stderr)
 
 
 def _print_state(args, topic: str, state: dict) -> None:
@@ -432,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fast-compaction", action="store_true",
                     help="tiny segments so compaction runs within seconds (tests, demos)")
 
+    sp = sub.add_parser("status", help="Show the workers from their heartbeats; exit 1 if none is alive "
+                        "or a partition has no live owner.")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     sp = sub.add_parser("worker", help="Run an engine worker (same as: faust -A alarm_engine worker).")
     sp.add_argument("--loglevel", "-l", default="info")
 
@@ -463,7 +479,10 @@ def main(argv=None) -> int:
     _kafka_errors.messages.clear()
     if args.command == "worker":
         return cmd_worker(args, settings)
+    from alarm_engine.status import cmd_status
+
     handler = {
+        "status": cmd_status,
         **{k: cmd_set for k in SETTERS}, **{k: cmd_list for k in LISTERS},
         "dump-schemas": cmd_dump_schemas, "register-schemas": cmd_register, "topics": cmd_topics,
         **_facility_handlers(),

@@ -16,6 +16,8 @@ OUTPUT_TOPICS = ("pv-state", "active-alarms", "dead-letters")
 # tables hold the state (a compacted alarm-deps would keep one alarm per PV).
 INTERNAL_TOPICS = ("alarm-deps", "alarm-inputs")
 ALL_TOPICS = INPUT_TOPICS + OUTPUT_TOPICS + INTERNAL_TOPICS
+# Each worker's heartbeat, keyed by worker (compacted; alarm_engine/worker/liveness.py).
+STATUS_TOPIC = "engine-status"
 
 # Which schema file describes the values of each logical topic.
 VALUE_SCHEMAS = {

@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from typing import MutableMapping, NamedTuple
 
-from alarm_engine import records
+from alarm_engine import internal_records, records
 from alarm_engine.codec import BadRecord, Codec
 from alarm_engine.config import Settings
 from alarm_engine.core import (
@@ -185,11 +185,11 @@ class AlarmProcessor:
     def event_for(self, topic: str, key: str, value: bytes | None, ts_ms: int):
         """Decode and validate one input record into a core event."""
         if topic == "alarm-inputs":
-            msg = json.loads(value)
+            msg = internal_records.alarm_input(value)
             if "tick" in msg:
                 return Tick()
             if "released" in msg:
-                return Released(msg["released"], msg.get("move", 0))
+                return Released(msg["released"], msg["move"])
             state = records.pv_state(msg["state"]) if msg["state"] is not None else None
             return PVUpdate(msg["pv"], state)
         datum = self.codec.decode(topic, value)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from alarm_engine import records
+from alarm_engine import internal_records, records
 from alarm_engine.codec import BadRecord, Codec
 from alarm_engine.core import (
     Activation,
@@ -138,30 +138,18 @@ class PVHome:
         return out
 
     def _dep(self, pv: str, value: bytes | None, ts_ms: int, e: PVEntry) -> list[Out]:
-        try:
-            dep = json.loads(value)
-            alarm = dep["alarm"]
-            if not isinstance(alarm, str) or not alarm:
-                raise ValueError("alarm must be a non-empty string")
-        except (TypeError, ValueError, KeyError) as err:
-            raise BadRecord(f"not an alarm-deps record: {err}") from None
+        dep = internal_records.alarm_deps(value)
+        alarm = dep["alarm"]
         if "uses" in dep:
-            return self._uses(pv, alarm, bool(dep["uses"]), e)
+            return self._uses(pv, alarm, dep["uses"], e)
         if "tick" in dep:
             old = e.alarms.get(alarm)
             if old is None:
                 return []
             new = e.alarms[alarm] = step(old, Tick(), ts_ms)
             return [_shown_out(self.codec, alarm, new)] if new.shown != old.shown else []
-        if "control" in dep:
-            ts = dep.get("ts", ts_ms)
-            if not isinstance(ts, int):
-                raise BadRecord("alarm-deps record: ts must be an integer (ms)")
-            move = dep.get("move", 0)
-            if not isinstance(move, int):
-                raise BadRecord("alarm-deps record: move must be an integer")
-            return self._control(pv, alarm, dep["control"], ts, move, e)
-        raise BadRecord("alarm-deps record has none of uses, control, tick")
+        ts = ts_ms if dep["ts"] is None else dep["ts"]
+        return self._control(pv, alarm, dep["control"], ts, dep["move"] or 0, e)
 
     def _uses(self, pv: str, alarm: str, uses: bool, e: PVEntry) -> list[Out]:
         if uses and alarm not in e.rules:

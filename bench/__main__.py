@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 
-FIGURES = ("flood", "flood-rule", "flood-mixed", "latency", "restart", "fanin", "fleet", "idle", "apply", "web")
+FIGURES = ("flood", "flood-rule", "flood-mixed", "latency", "restart", "fanin", "fleet", "idle", "apply", "web", "failover")
 
 
 def _need(module: str, extra: str = "bench") -> None:
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     os.environ["EPICS_CA_AUTO_ADDR_LIST"] = "NO"
     os.environ["BENCH_CA_PORT"] = str(ca_port)
 
-    from bench import apply as apply_figure, fanin, flood, idle, latency, restart
+    from bench import apply as apply_figure, failover, fanin, flood, idle, latency, restart
 
     if args.flood_records:
         flood.FLOOD_RECORDS = args.flood_records
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
         "idle": lambda: idle.run(args.quick, ca_port),
         "apply": lambda: apply_figure.run(args.quick),
         "web": lambda: __import__("bench.web").web.run(args.quick),  # the page in chromium (bench/web.py)
+        "failover": lambda: failover.run(args.quick),
     }
     wanted = args.only or list(FIGURES)
     results, failed = [], []

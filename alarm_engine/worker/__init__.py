@@ -21,9 +21,16 @@ leans on Faust's private parts; exits.py: how the worker gives up. docs/design.m
 has the picture and the correctness argument.
 """
 
-from alarm_engine.worker import alarms, bridge, history_writer, hotpath  # noqa: F401  (register agents, tasks, timers)
-from alarm_engine.worker.app import app, settings
+import os
+import socket
+
+from alarm_engine.worker import alarms, bridge, history_writer, hotpath, service  # noqa: F401  (agents, tasks, timers)
+from alarm_engine.worker.app import APP_ID, LOGICAL, OUT, app, settings
 
 history_writer.install(app, settings)  # alarm-history, with its own clients
+# The worker as a service: heartbeat, /healthz and /metrics, crash watch, quiet logs.
+heartbeat = service.install(
+    app, settings, LOGICAL, {settings.topic(t): t for t in OUT}, bridge.bridge,
+    app.conf.consumer_group_instance_id or f"{APP_ID}-{socket.gethostname()}-{os.getpid()}", hotpath.hot)
 
 __all__ = ["app"]

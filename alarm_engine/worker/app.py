@@ -11,9 +11,8 @@ from pathlib import Path
 
 import faust
 
-from alarm_engine.config import Settings, engine_app_id
-from alarm_engine.topics import ensure_topics
-from alarm_engine.worker import faust_internals, trace
+from alarm_engine.config import ALL_TOPICS, STATUS_TOPIC, Settings, engine_app_id
+from alarm_engine.worker import faust_internals, membership, preflight, trace, watchdog
 from alarm_engine.worker.faust_internals import Table, Transport
 
 log = logging.getLogger("alarm_engine")
@@ -30,12 +29,6 @@ def _credentials(s: Settings):
         return faust.SASLCredentials(username=s.sasl_username, password=s.sasl_password,
                                      ssl_context=ssl_context, mechanism=s.sasl_mechanism)
     return ssl_context
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class AlarmEngineApp(faust.App):
@@ -55,17 +48,28 @@ class AlarmEngineApp(faust.App):
         # Faust creates the data directory but not its parents.
         Path(self.conf.datadir).parent.mkdir(parents=True, exist_ok=True)
         await super().on_first_start()
-        # Input and output topics must exist before the consumer subscribes.
-        await ensure_topics(settings)
+        # Every topic (Faust's changelogs too) must exist, with its partition count,
+        # before the consumer subscribes; a misconfiguration exits in one line.
+        await preflight.run(self, settings, ALL_TOPICS + (STATUS_TOPIC,))
+
+    async def _on_agent_error(self, agent, exc: BaseException) -> None:
+        # An agent that crashed ends the worker (non-zero): never a worker with a dead agent.
+        await watchdog.agent_crashed(agent, exc)
+
+    def agent(self, channel=None, **kwargs):
+        decorate = super().agent(channel, **kwargs)
+        return lambda fun: decorate(watchdog.with_fault(fun, lambda: self.conf.datadir))
 
 
 APP_ID = engine_app_id(settings)
+DATA_DIR = os.environ.get("ALARM_ENGINE_DATA_DIR", f".alarm-engine-data/{APP_ID}-{socket.gethostname()}")
+WEB_PORT, SAME_WEB_PORT = membership.web_port(DATA_DIR)
 app = AlarmEngineApp(
     APP_ID,
     broker=";".join(f"kafka://{h.strip()}" for h in settings.bootstrap.split(",")),
     broker_credentials=_credentials(settings),
     store="rocksdb://",
-    datadir=os.environ.get("ALARM_ENGINE_DATA_DIR", f".alarm-engine-data/{APP_ID}-{socket.gethostname()}"),
+    datadir=DATA_DIR,
     topic_partitions=P,
     topic_replication_factor=settings.replication,
     key_serializer="raw",
@@ -74,13 +78,16 @@ app = AlarmEngineApp(
     producer_acks=-1,
     # `faust worker` turns the web server on unless given --without-web; a free
     # port by default lets several workers share a machine (--web-port N pins it).
-    web_port=int(os.environ.get("ALARM_ENGINE_WEB_PORT") or _free_port()),
+    # The port is kept across restarts (membership.web_port: static membership needs it).
+    web_port=WEB_PORT,
     web_bind="127.0.0.1",
     # On a rebalance, finish the records in hand (send, acknowledge, write the
     # tables) before giving the partitions up: otherwise the old owner could still
     # write a table key, or an active-alarms record, after the new owner took over.
     stream_wait_empty=True,
     table_standby_replicas=0,
+    # Failover in seconds and static group membership (membership.py).
+    **membership.group_settings(APP_ID, DATA_DIR, static=SAME_WEB_PORT),
 )
 
 

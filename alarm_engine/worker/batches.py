@@ -13,9 +13,11 @@ import logging
 import os
 import time
 
+from alarm_engine import partitioning
 from alarm_engine.codec import BadRecord, RegistryUnavailable, decode_key
 from alarm_engine.engine import Out, dead_letter, in_send_order
-from alarm_engine.worker.app import LOGICAL, OUT, app, codec, now_ms
+from alarm_engine.worker import health
+from alarm_engine.worker.app import LOGICAL, OUT, app, codec, now_ms, settings
 from alarm_engine.worker.exits import EXIT_SEND_FAILED, REGISTRY_RETRY_S, SEND_RETRY_S, fatal
 from alarm_engine.worker.faust_internals import acking_handled, changelog_acked, in_progress
 from alarm_engine.worker.trace import TRACE, tp_name, trace
@@ -253,6 +255,7 @@ async def handle_batches(stream, compute, views) -> None:
     fence = Fence(views[0])
     consumer = app.consumer
     async for events in stream.noack_take(BATCH_MAX, within=BATCH_WITHIN_S):
+        health.metrics.batch(getattr(views[0].t, "name", "?"), len(events))
         outs: list[Out] = []
         done = []  # the events to acknowledge: all but those left to a copy read again
         try:
@@ -283,8 +286,7 @@ async def handle_batches(stream, compute, views) -> None:
                     if TRACE:
                         trace("handle %s@%d key %r gen %s/%s", tp_name(msg.tp), msg.offset, msg.key,
                                msg.generation_id, app.consumer_generation_id)
-                    outs += await outputs_of(
-                        msg, lambda: compute(LOGICAL[msg.topic], decode_key(msg.key), msg.value, msg), views, event)
+                    outs += await outputs_of(msg, lambda: _checked(compute, msg), views, event)
                     fence.mark(msg, event)
             await send_all(outs)
         except BaseException:
@@ -297,6 +299,16 @@ async def handle_batches(stream, compute, views) -> None:
         fence.view.commit(fences=True)
         await changelog_acked()
         await ack_handled(stream, done)
+
+
+def _checked(compute, msg) -> list[Out]:
+    topic = LOGICAL[msg.topic]
+    # A record keyed into another partition than Kafka's partitioner puts it in
+    # (kcat's CRC32 default) is never applied: its key's other records live elsewhere.
+    reason = partitioning.wrong_partition(topic, msg.key, msg.partition, settings.partitions)
+    if reason is not None:
+        raise BadRecord(reason)
+    return compute(topic, decode_key(msg.key), msg.value, msg)
 
 
 async def ack_handled(stream, events) -> None:

@@ -11,7 +11,7 @@ from alarm_engine import records
 from alarm_engine.engine import Out
 from alarm_engine.worker.app import app, codec, monitored, monitored_in, settings
 from alarm_engine.worker.batches import TableView, handle_batches, is_fence
-from alarm_engine.worker.exits import fatal
+from alarm_engine.worker.exits import EXIT_CRASHED, fatal
 from alarm_engine.worker.hotpath import hot
 
 log = logging.getLogger("alarm_engine")
@@ -99,7 +99,7 @@ async def _bridge_sender() -> None:
     except asyncio.CancelledError:
         raise
     except BaseException:
-        fatal("the CA bridge's sender failed: exiting so that the worker restarts", exc_info=True)
+        fatal("the CA bridge's sender failed: exiting so that the worker restarts", code=EXIT_CRASHED, exc_info=True)
 
 
 def _monitored_outputs(topic: str, pv: str, value: bytes | None, msg) -> list[Out]:

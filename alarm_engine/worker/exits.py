@@ -20,6 +20,7 @@ SEND_RETRY_S = float(os.environ.get("ALARM_ENGINE_SEND_RETRY_S", "300"))
 # record dead-lettered (with that reason) so that the partition moves on.
 REGISTRY_RETRY_S = float(os.environ.get("ALARM_ENGINE_REGISTRY_RETRY_S", "300"))
 EXIT_SEND_FAILED = 75  # EX_TEMPFAIL
+EXIT_CRASHED = 70  # EX_SOFTWARE: a part of the worker failed (watchdog.py)
 EXIT_FAILED = 1
 
 

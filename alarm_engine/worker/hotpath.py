@@ -25,6 +25,7 @@ Why a kill at any instant loses nothing and applies nothing twice: docs/design.m
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -36,8 +37,9 @@ from alarm_engine.codec import BadRecord, RegistryUnavailable, decode_key
 from alarm_engine.config import Settings, hot_group
 from alarm_engine.engine import Out, dead_letter, in_send_order
 from alarm_engine.pv_home import PVEntry, PVHome, decode_entry, encode_entry
+from alarm_engine.worker import health, watchdog
 from alarm_engine.worker.app import APP_ID, app, codec, pv_home, settings
-from alarm_engine.worker.exits import EXIT_SEND_FAILED, REGISTRY_RETRY_S, SEND_RETRY_S, fatal
+from alarm_engine.worker.exits import EXIT_CRASHED, EXIT_SEND_FAILED, REGISTRY_RETRY_S, SEND_RETRY_S, fatal
 from alarm_engine.worker.faust_internals import TableStore
 
 log = logging.getLogger("alarm_engine")
@@ -80,6 +82,7 @@ class HotPath:
         self.lock = asyncio.Lock()
         self._starting = asyncio.Lock()
         self.records = 0
+        self.running = False  # its loop runs (for /healthz)
         self.last_record_ms: int | None = None
 
     # --- lifecycle ----------------------------------------------------------------
@@ -137,6 +140,20 @@ class HotPath:
             self.consumer.assign([])
             self.partitions = set()
 
+    def lag(self) -> dict[str, int]:
+        """Records not yet handled, per logical topic, over this worker's partitions
+        whose end the consumer knows (for the heartbeat and /metrics)."""
+        lag: dict[str, int] = {}
+        if self.consumer is None:
+            return lag
+        for p in self.partitions:
+            for t in HOT_TOPICS:
+                high = self.consumer.highwater(TopicPartition(self.topic[t], p))
+                if high is not None:
+                    done = self.acked.get(p, {}).get(t, -1) + 1
+                    lag[t] = lag.get(t, 0) + max(0, high - done)
+        return lag
+
     def _drop(self) -> None:
         self.epoch += 1
         self.cache.clear()
@@ -160,7 +177,17 @@ class HotPath:
     # --- the loop -----------------------------------------------------------------
 
     async def run(self) -> None:
+        self.running = True
+        try:
+            await self._loop()
+        finally:
+            self.running = False
+
+    async def _loop(self) -> None:
+        fault = watchdog.fault("hot_path", lambda: app.conf.datadir)
         while True:
+            if fault is not None:
+                fault()
             if not self.partitions:
                 await asyncio.sleep(0.05)
                 continue
@@ -241,6 +268,8 @@ class HotPath:
                 for name, when in e.deadlines().items():
                     self.deadlines[name] = (p, pv, when)
             seen.setdefault(p, {})[topic] = msgs[-1].offset
+            health.metrics.records_read(topic, len(msgs), msgs[-1].timestamp / 1000 if msgs[-1].timestamp else None,
+                                        time.time())
         self.records += sum(len(m) for m in data.values())
         self.last_record_ms = now_ms()
         await self._commit_batch(outs, dirty, seen)
@@ -300,6 +329,9 @@ class HotPath:
                 cl = {p: [await self.producer.send(changelog, v, key=k, partition=p) for k, v in kv.items()]
                       for p, kv in items.items()}
                 await asyncio.gather(*futs)
+                health.metrics.records_sent(collections.Counter(o.topic for o in outs))
+                if items:
+                    health.metrics.records_sent({"changelog": sum(len(kv) for kv in items.values())})
                 return {p: max((await asyncio.gather(*fs)), key=lambda md: md.offset).offset
                         for p, fs in cl.items() if fs}
             except asyncio.CancelledError:
@@ -350,7 +382,7 @@ async def _hot_path() -> None:
         raise
     except BaseException:
         # The hot path is the engine: a worker without it must not look alive.
-        fatal("the hot path failed: exiting so that the worker restarts", exc_info=True)
+        fatal("the hot path failed: exiting so that the worker restarts", code=EXIT_CRASHED, exc_info=True)
 
 
 @pv_home.on_recover

@@ -112,6 +112,14 @@ def test_each_record_of_a_batch_is_the_event_in_progress_while_it_is_handled():
     assert stream.acked == [(0, 1), (2, 7), (1, 3)]
 
 
+def _key_in(partition: int) -> bytes:
+    """A key that Kafka's partitioner puts in `partition` (the agents reject others)."""
+    from alarm_engine.partitioning import partition_of
+    from alarm_engine.worker.app import settings
+
+    return next(k for k in (b"k%d" % i for i in range(1000)) if partition_of(k, settings.partitions) == partition)
+
+
 class _Message:
     def __init__(self, partition, offset):
         from faust.types import TP
@@ -119,7 +127,7 @@ class _Message:
         from alarm_engine.worker import batches
 
         self.topic, self.partition, self.offset = next(iter(batches.LOGICAL)), partition, offset
-        self.key, self.value, self.timestamp = b"k", b"v", 0.0
+        self.key, self.value, self.timestamp = _key_in(partition), b"v", 0.0
         self.tp, self.generation_id = TP(self.topic, partition), 1
 
 

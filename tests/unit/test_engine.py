@@ -211,10 +211,11 @@ def test_a_replayed_record_sends_the_current_outputs_again(h):
 
 
 @pytest.mark.parametrize("value, reason", [
-    (b"{", "not an alarm-deps record"),
-    (b'{"alarm": ""}', "non-empty string"),
-    (b'{"alarm": "A"}', "none of uses, control, tick"),
-    (b'{"alarm": "A", "control": {"def": ["A", "rule", null, "x", "P1_LIFE", 2]}, "shelving": null}',
+    (b"{", "alarm-deps: malformed JSON"),
+    (b'{"alarm": "", "uses": true}', "value.alarm: must be 1 to"),
+    (b'{"alarm": "A"}', "none of the fields uses, tick, control"),
+    (b'{"alarm": "A", "uses": 1}', "value.uses: expected true or false"),
+    (b'{"alarm": "A", "control": {"def": ["A", "rule", null, "x", "P1_LIFE", 2], "shelving": null}}',
      "alarm-deps control of A"),
 ])
 def test_bad_alarm_deps_records_are_rejected_with_a_reason(h, value, reason):
