@@ -22,6 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from alarm_engine import stack
+from alarm_engine.config import engine_app_id
 from alarm_engine.kafka_io import replay
 from alarm_engine.partitioning import partition_of
 from alarm_engine.registry import make_codec
@@ -31,12 +32,9 @@ from tests.integration.test_faults import _converge, _own_stack, rig  # noqa: F4
 
 pytestmark = pytest.mark.integration
 
-TABLES = ("monitored", "pv-latest", "pv-dependents", "alarm-state")
-
-
-def _app_id(s) -> str:
-    prefix = s.topic_prefix.strip(".-_")
-    return f"{s.app_id}-{prefix}" if prefix else s.app_id
+# The worker's tables (alarm_engine/worker/app.py), each with its changelog.
+TABLES = ("monitored", "pv-home", "alarm-state")
+_app_id = engine_app_id
 
 
 def _free_port() -> int:
