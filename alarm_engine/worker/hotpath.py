@@ -78,6 +78,10 @@ class HotPath:
         self.cache: dict[tuple[int, str], PVEntry] = {}
         self.acked: dict[int, dict[str, int]] = {}  # partition -> topic -> last offset acknowledged
         self.fenced: dict[int, dict[str, int]] = {}  # partition -> the fence in the store
+        # What the group has committed: a commit that failed (a broker outage) is made
+        # again on the next batch or idle sweep, so that lag tools never see stale positions.
+        self.group_committed: dict[TopicPartition, int] = {}
+        self._committing = False
         self.deadlines: dict[str, tuple[int, str, int]] = {}  # alarm -> (partition, pv, when)
         self.lock = asyncio.Lock()
         self._starting = asyncio.Lock()
@@ -159,6 +163,7 @@ class HotPath:
         self.cache.clear()
         self.acked.clear()
         self.fenced.clear()
+        self.group_committed.clear()
         self.deadlines.clear()
 
     def _read_fence(self, p: int) -> dict[str, int]:
@@ -304,15 +309,25 @@ class HotPath:
         self.fenced.update(fences)
         for p, topics in seen.items():
             self.acked.setdefault(p, {}).update(topics)
-        if seen:
-            offsets = {TopicPartition(self.topic[t], p): o + 1 for p, ts in seen.items() for t, o in ts.items()}
-            asyncio.ensure_future(self._commit_group(offsets))
+        self._commit_pending()
 
-    async def _commit_group(self, offsets) -> None:
+    def _commit_pending(self) -> None:
+        offsets = {TopicPartition(self.topic[t], p): o + 1
+                   for p, ts in self.acked.items() if p in self.partitions for t, o in ts.items()}
+        pending = {tp: o for tp, o in offsets.items() if self.group_committed.get(tp) != o}
+        if pending and not self._committing:
+            self._committing = True
+            asyncio.ensure_future(self._commit_group(pending, self.epoch))
+
+    async def _commit_group(self, offsets, epoch: int) -> None:
         try:
             await self.consumer.commit(offsets)
-        except Exception as e:  # informational only: the fences are the positions
+            if epoch == self.epoch:
+                self.group_committed.update(offsets)
+        except Exception as e:  # informational only: the fences are the positions; retried
             log.debug("hot path: group commit failed: %r", e)
+        finally:
+            self._committing = False
 
     async def send(self, outs: list[Out]) -> None:
         """Records that change no state here (the CA bridge's pv-state): sent, acknowledged."""
@@ -364,6 +379,8 @@ class HotPath:
             for p, kv in items.items():
                 self.store.write(p, kv, offsets.get(p))
             self.fenced.update(stale)
+        if idle:
+            self._commit_pending()
 
 
 # --- in the worker ------------------------------------------------------------------

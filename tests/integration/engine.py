@@ -455,11 +455,13 @@ def wait_caught_up(settings: Settings, timeout: float) -> float:
     it took. Raises AssertionError on timeout."""
     t0 = time.monotonic()
     while True:
-        lag = group_lag(settings)
-        if lag == 0:
+        committed, ends = input_offsets(settings)
+        behind = {tp: end - committed[tp] for tp, end in ends.items() if end > committed[tp]}
+        if not behind:
             return time.monotonic() - t0
         if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"workers not caught up after {timeout:.0f}s: lag {lag}")
+            raise AssertionError(f"workers not caught up after {timeout:.0f}s: lag {sum(behind.values())} "
+                                 f"({', '.join(f'{tp}: {n}' for tp, n in sorted(behind.items()))})")
         time.sleep(1.0)
 
 
