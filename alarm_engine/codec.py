@@ -230,6 +230,7 @@ class Codec:
         self.schemas = schemas  # logical topic -> reader schema (JSON)
         self._parsed = {t: fastavro.parse_schema(s) for t, s in schemas.items()}
         self._json = {t: JsonReader(s) for t, s in schemas.items()}
+        self._defaults: dict[str, tuple[str, ...]] = {}
         self._fetch = fetch_schema
         self._register = register
         self.subject = subject
@@ -257,10 +258,22 @@ class Codec:
         buf = io.BytesIO()
         buf.write(_HEADER.pack(MAGIC, sid))
         try:
+            # Strict (unknown fields are errors), but a top-level field the schema gives a
+            # default may be left out: producers written before a field was added keep working.
+            missing = [f for f in self._defaulted(topic) if f not in datum]
+            if missing:
+                datum = {**datum, **{f: self._json[topic].default_of(f) for f in missing}}
             fastavro.schemaless_writer(buf, self._parsed[topic], datum, strict=True)
         except (ValueError, TypeError, KeyError) as e:
             raise BadRecord(f"cannot encode as {topic}: {e}") from e
         return buf.getvalue()
+
+    def _defaulted(self, topic: str) -> tuple[str, ...]:
+        names = self._defaults.get(topic)
+        if names is None:
+            names = self._defaults[topic] = tuple(
+                f["name"] for f in self.schemas[topic]["fields"] if "default" in f)
+        return names
 
     def encode_json(self, topic: str, datum: dict | None) -> bytes | None:
         return None if datum is None else json.dumps(datum, separators=(",", ":")).encode()

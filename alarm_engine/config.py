@@ -11,11 +11,15 @@ from dataclasses import dataclass, field
 
 # Logical topic names; the physical name is prefix + logical name.
 INPUT_TOPICS = ("monitored-pvs", "alarms", "shelved-alarms", "alarm-activations")
-OUTPUT_TOPICS = ("pv-state", "active-alarms", "dead-letters")
+# Per-location counts of what is shown (output, compacted, keyed by location).
+SUMMARY_TOPIC = "alarm-summaries"
+OUTPUT_TOPICS = ("pv-state", "active-alarms", "dead-letters", SUMMARY_TOPIC)
 # Repartition streams between the engine's agents: plain retention, since the
 # tables hold the state (a compacted alarm-deps would keep one alarm per PV).
 INTERNAL_TOPICS = ("alarm-deps", "alarm-inputs")
-ALL_TOPICS = INPUT_TOPICS + OUTPUT_TOPICS + INTERNAL_TOPICS
+# Operator actions and the location tree (compacted, keyed by alarm or location name).
+MANAGEMENT_TOPICS = ("alarm-acks", "disabled-alarms", "alarm-locations")
+ALL_TOPICS = INPUT_TOPICS + OUTPUT_TOPICS + INTERNAL_TOPICS + MANAGEMENT_TOPICS
 # Each worker's heartbeat, keyed by worker (compacted; alarm_engine/worker/liveness.py).
 STATUS_TOPIC = "engine-status"
 
@@ -29,11 +33,27 @@ VALUE_SCHEMAS = {
     "active-alarms": "active-alarms-value",
     "dead-letters": "dead-letters-value",
     "alarm-history": "alarm-history-value",  # append-only (alarm_engine/history.py)
+    "alarm-acks": "alarm-acks-value",
+    "disabled-alarms": "disabled-alarms-value",
+    "alarm-locations": "alarm-locations-value",
 }
+
+SHELVE_REASONS = ("Stale", "Chattering", "Fleeting", "Maintenance", "Nuisance", "Other")
 
 
 def _list(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+def _bool(value: str | None, default: bool) -> bool:
+    if value is None or not value.strip():
+        return default
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +85,11 @@ class Settings:
     registry_cafile: str | None = None
     registry_username: str | None = None
     registry_password: str | None = field(default=None, repr=False)
+    # Alarm management: latching when an alarm record leaves it null; the longest
+    # shelving in seconds (0: no limit, indefinite shelving allowed); the shelving reasons.
+    latching_default: bool = False
+    max_shelve_s: int = 0
+    shelve_reasons: tuple[str, ...] = SHELVE_REASONS
     extra: dict = field(default_factory=dict)
 
     def kafka_kwargs(self) -> dict:
@@ -114,6 +139,9 @@ class Settings:
             registry_cafile=env.get("SCHEMA_REGISTRY_CAFILE"),
             registry_username=env.get("SCHEMA_REGISTRY_USERNAME"),
             registry_password=env.get("SCHEMA_REGISTRY_PASSWORD"),
+            latching_default=_bool(env.get("ALARM_ENGINE_LATCHING"), cls.latching_default),
+            max_shelve_s=int(env.get("ALARM_ENGINE_MAX_SHELVE_S", cls.max_shelve_s)),
+            shelve_reasons=_list(env.get("ALARM_ENGINE_SHELVE_REASONS")) or SHELVE_REASONS,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
+from enum import IntEnum
 from functools import lru_cache
 from typing import MutableMapping, NamedTuple
 
@@ -26,11 +27,16 @@ from alarm_engine import internal_records, records
 from alarm_engine.codec import BadRecord, Codec
 from alarm_engine.config import Settings
 from alarm_engine.core import (
+    Ack,
+    AckSet,
     Activation,
     ActivationSet,
     AlarmDef,
     AlarmState,
     DefinitionSet,
+    Disable,
+    DisableSet,
+    ParentSet,
     PVUpdate,
     Severity,
     Shelving,
@@ -38,6 +44,7 @@ from alarm_engine.core import (
     Shown,
     Tick,
     apply_control,
+    masks_children,
     next_deadline,
     step,
     with_input,
@@ -82,12 +89,27 @@ def _json(obj) -> bytes:
 def _def_to_json(d: AlarmDef | None):
     if d is None:
         return None
-    return [d.name, d.kind, d.pv, d.expression, d.priority, int(d.rule_severity), d.location,
-            d.category, d.doc_url, d.edm_path, d.description]
+    out = [d.name, d.kind, d.pv, d.expression, d.priority, int(d.rule_severity), d.location,
+           d.category, d.doc_url, d.edm_path, d.description]
+    management = [d.latching, d.delay_ms, d.count, d.off_delay_ms, d.filter, d.masked_by, d.rationale,
+                  d.consequence, d.corrective_action, d.response_time_s,
+                  [list(x) for x in d.displays]]
+    if management != _NO_MANAGEMENT:  # most alarms: the short form, as before
+        out += management
+    return out
+
+
+_NO_MANAGEMENT = [False, 0, 0, 0, None, None, "", "", "", 0, []]
+
+
+def _def_from_tuple(t: tuple) -> AlarmDef:
+    if len(t) > 11:  # displays: a list of [title, url] pairs, hashable for the cache as a tuple
+        t = t[:-1] + (tuple(tuple(x) for x in t[-1]),)
+    return _def_cached(t)
 
 
 @lru_cache(maxsize=65536)
-def _def_from_tuple(t: tuple) -> AlarmDef:
+def _def_cached(t: tuple) -> AlarmDef:
     # Cached: parsing a rule for every event would dominate the hot path.
     name, kind, pv, expression, priority, sev, *meta = t
     return AlarmDef(name, kind, pv, expression, priority, Severity(sev), *meta)
@@ -105,9 +127,68 @@ def asdict(obj) -> dict:
     return {n: getattr(obj, n) for n in names}
 
 
+def _enc(v):
+    """A core value as JSON, tagged where JSON alone would lose its type."""
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, IntEnum):
+        return {"$e": type(v).__name__, "v": int(v)}
+    if isinstance(v, (int, float)):
+        return v
+    if isinstance(v, tuple):
+        return {"$t": [_enc(x) for x in v]}
+    if is_dataclass(v):
+        return {"$d": type(v).__name__, **{k: _enc(x) for k, x in asdict(v).items()}}
+    raise TypeError(f"cannot store {type(v).__name__} in an alarm state")
+
+
+def _dec(v):
+    if isinstance(v, dict):
+        if "$e" in v:
+            return _ENUMS[v["$e"]](v["v"])
+        if "$t" in v:
+            return tuple(_dec(x) for x in v["$t"])
+        if "$d" in v:
+            return _VALUES[v["$d"]](**{k: _dec(x) for k, x in v.items() if k != "$d"})
+    return v
+
+
+_ENUMS = {"Severity": Severity}
+_VALUES = {c.__name__: c for c in (Ack, Disable, Shelving, Activation)}
+
+# The alarm-management fields of a state (acks, delays, disabling, masking): stored under
+# "m", only those that differ from a fresh state's, so a plain alarm's entry stays as short
+# as before and entries stored before these fields existed read as fresh.
+_BASE_FIELDS = {"definition", "inputs", "shelving", "shelving_consumed", "activation", "first_seen_ms",
+                "active_since_ms", "shown"}
+_FRESH = AlarmState()
+_MANAGEMENT_FIELDS = tuple(f.name for f in fields(AlarmState) if f.name not in _BASE_FIELDS)
+
+
+def _shown_to_json(shown: Shown | None):
+    if shown is None:
+        return None
+    j = asdict(shown)
+    j["severity"] = int(shown.severity)
+    for k in ("ack", "disable"):
+        if j.get(k) is not None:
+            j[k] = _enc(j[k])
+    return j
+
+
+def _shown_from_json(j):
+    if j is None:
+        return None
+    j = {**j, "severity": Severity(j["severity"])}
+    for k in ("ack", "disable"):
+        if j.get(k) is not None:
+            j[k] = _dec(j[k])
+    return Shown(**j)
+
+
 def state_to_json(s: AlarmState, inputs: bool = True) -> dict:
     """`inputs=False`: without the PV inputs (kept elsewhere by the caller)."""
-    return {
+    j = {
         "def": _def_to_json(s.definition),
         "inputs": {pv: records.pv_state_datum(st) for pv, st in s.inputs.items()} if inputs else None,
         "shelving": asdict(s.shelving) if s.shelving else None,
@@ -115,17 +196,24 @@ def state_to_json(s: AlarmState, inputs: bool = True) -> dict:
         "activation": asdict(s.activation) if s.activation else None,
         "first_seen": s.first_seen_ms,
         "since": s.active_since_ms,
-        "shown": {**asdict(s.shown), "severity": int(s.shown.severity)} if s.shown else None,
+        "shown": _shown_to_json(s.shown),
         # Kept beside the state so that timers are rebuilt without decoding every alarm.
         "deadline": next_deadline(s),
     }
+    m = {}
+    for name in _MANAGEMENT_FIELDS:
+        v = getattr(s, name)
+        if v != getattr(_FRESH, name):
+            m[name] = _enc(v)
+    if m:
+        j["m"] = m
+    return j
 
 
 def state_from_json(j: dict | None) -> AlarmState:
     if j is None:
         return AlarmState()
-    shown = j["shown"]
-    return AlarmState(
+    st = AlarmState(
         definition=_def_from_tuple(tuple(j["def"])) if j["def"] else None,
         inputs={pv: records.pv_state(d) for pv, d in j["inputs"].items()},
         shelving=Shelving(**j["shelving"]) if j["shelving"] else None,
@@ -133,8 +221,12 @@ def state_from_json(j: dict | None) -> AlarmState:
         activation=Activation(**j["activation"]) if j["activation"] else None,
         first_seen_ms=j["first_seen"],
         active_since_ms=j["since"],
-        shown=Shown(**{**shown, "severity": Severity(shown["severity"])}) if shown else None,
+        shown=_shown_from_json(j["shown"]),
     )
+    m = j.get("m")
+    if m:
+        st = replace(st, **{k: _dec(v) for k, v in m.items()})
+    return st
 
 
 def is_empty(s: AlarmState) -> bool:
@@ -142,18 +234,33 @@ def is_empty(s: AlarmState) -> bool:
 
 
 def at_pv_home(d: AlarmDef | None) -> bool:
-    """A per-PV alarm is evaluated at its PV's home (pv_home.py), in one hop."""
-    return d is not None and d.kind == "pv"
+    """A per-PV alarm is evaluated at its PV's home (pv_home.py), in one hop; one with an
+    enabling filter (other PVs) or a maskedBy parent (another alarm) is evaluated here,
+    where those inputs arrive, like a rule alarm."""
+    return d is not None and d.kind == "pv" and d.filter is None and d.masked_by is None
 
 
-def control_fields(s: AlarmState) -> dict:
+def control_fields(s: AlarmState, children: list[str] = ()) -> dict:
+    """A per-PV alarm's operator records, for its PV's home: the latest of each, which the
+    home applies when it differs from what it has (the core drops a repeated ack)."""
     return {"def": _def_to_json(s.definition),
             "shelving": asdict(s.shelving) if s.shelving else None,
-            "activation": asdict(s.activation) if s.activation else None}
+            "activation": asdict(s.activation) if s.activation else None,
+            "ack": asdict(s.ack) if s.ack else None,
+            "disable": asdict(s.disable) if s.disable else None,
+            "children": list(children)}
+
+
+def evaluation_reset(st: AlarmState) -> AlarmState:
+    """`st` with only its records kept (definition, shelving, activation, ack, disable):
+    what stays on the side that no longer evaluates the alarm."""
+    return AlarmState(definition=st.definition, shelving=st.shelving, activation=st.activation,
+                      first_seen_ms=st.first_seen_ms, ack=st.ack, disable=st.disable)
 
 
 def control_changed(old: AlarmState, new: AlarmState) -> bool:
-    return (old.definition, old.shelving, old.activation) != (new.definition, new.shelving, new.activation)
+    return ((old.definition, old.shelving, old.activation, old.ack, old.disable)
+            != (new.definition, new.shelving, new.activation, new.ack, new.disable))
 
 
 # --- the processors ---------------------------------------------------------
@@ -167,10 +274,28 @@ class Released:
     move: int
 
 
-def _control_out(alarm: str, st: AlarmState, ts_ms: int) -> Out:
+def _control_out(alarm: str, st: AlarmState, ts_ms: int, children: list[str] = ()) -> Out:
     """A per-PV alarm's operator records, for its PV's home, as of `ts_ms`."""
     return Out("alarm-deps", st.definition.pv.encode(),
-               _json({"alarm": alarm, "control": control_fields(st), "ts": ts_ms}))
+               _json({"alarm": alarm, "control": control_fields(st, children), "ts": ts_ms}))
+
+
+def _parent(d: AlarmDef | None) -> str | None:
+    return d.masked_by if d is not None else None
+
+
+def masking_outs(parent: str, children, masking: bool) -> list[Out]:
+    """Tell the alarms masked by `parent` whether it masks them now (maskedBy)."""
+    msg = _json({"parent": parent, "masking": masking})
+    return [Out("alarm-inputs", c.encode(), msg) for c in children]
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Alarm `child` names this alarm as its maskedBy parent (watch) or no longer does."""
+
+    child: str
+    watch: bool
 
 
 class AlarmProcessor:
@@ -190,33 +315,53 @@ class AlarmProcessor:
                 return Tick()
             if "released" in msg:
                 return Released(msg["released"], msg["move"])
+            if "parent" in msg:
+                return ParentSet(msg["masking"])
+            if "child" in msg:
+                return Watch(msg["child"], msg["watch"])
             state = records.pv_state(msg["state"]) if msg["state"] is not None else None
             return PVUpdate(msg["pv"], state)
         datum = self.codec.decode(topic, value)
         if topic == "alarms":
             return DefinitionSet(None if datum is None else records.alarm_def(key, datum, self.settings))
         if topic == "shelved-alarms":
-            return ShelvingSet(None if datum is None else records.shelving(key, datum, ts_ms))
+            return ShelvingSet(None if datum is None else records.shelving(key, datum, ts_ms, self.settings))
         if topic == "alarm-activations":
             return ActivationSet(None if datum is None else records.activation(datum))
+        if topic == "alarm-acks":
+            return AckSet(None if datum is None else records.ack(key, datum))
+        if topic == "disabled-alarms":
+            return DisableSet(None if datum is None else records.disable(key, datum, ts_ms))
         raise BadRecord(f"{topic} is not an alarm input")
 
     def handle(self, topic: str, key: str, value: bytes | None, ts_ms: int) -> list[Out]:
-        """Where an alarm is evaluated: here (rule and external alarms), at its PV's home
-        (per-PV alarms: this side keeps and forwards their operator records), or nowhere
-        while it moves away from a PV's home (`releasing`): a new place publishes only once
-        the old home has confirmed that it has stopped, so that two writers never race on
-        the alarm's active-alarms record."""
+        """Where an alarm is evaluated: here (rule and external alarms, and per-PV alarms
+        with a filter or a maskedBy parent), at its PV's home (other per-PV alarms: this side
+        keeps and forwards their operator records), or nowhere while it moves away from a
+        PV's home (`releasing`): a new place publishes only once the old home has confirmed
+        that it has stopped, so that two writers never race on the alarm's active-alarms
+        record. Whichever place evaluates an alarm tells its maskedBy children (`children`,
+        kept here) whether it masks them."""
         event = self.event_for(topic, key, value, ts_ms)
         raw = self.table.get(key)
         old = state_from_json(raw)
         releasing = raw.get("releasing") if raw else None
         move = raw.get("move", 0) if raw else 0
+        old_children = list(raw.get("children", ())) if raw else []
+        children = old_children
         out: list[Out] = []
-        if isinstance(event, Released):
+        if isinstance(event, Watch):
+            new = old
+            children = sorted(set(children) | {event.child}) if event.watch else [c for c in children if c != event.child]
+            if children != old_children and releasing is None:
+                if at_pv_home(old.definition):
+                    out.append(_control_out(key, old, ts_ms, children))  # the home answers the child
+                elif event.watch:
+                    out += masking_outs(key, [event.child], masks_children(old.shown))
+        elif isinstance(event, Released):
             if event.pv != releasing or event.move != move:
                 return []  # a copy sent again on a replay: the move it answers is over
-            new, releasing = self._arrive(key, old, ts_ms, out), None
+            new, releasing = self._arrive(key, old, ts_ms, out, children), None
         elif releasing is not None or at_pv_home(old.definition):
             if isinstance(event, PVUpdate) and releasing is not None and not at_pv_home(old.definition):
                 # Evaluated here once released: the state of a PV it now reads (the
@@ -230,7 +375,7 @@ class AlarmProcessor:
                 pv = old.definition.pv
                 if at_pv_home(new.definition) and new.definition.pv == pv:
                     if control_changed(old, new):
-                        out.append(_control_out(key, new, ts_ms))
+                        out.append(_control_out(key, new, ts_ms, children))
                 else:
                     # Numbered, so that a stale answer to an earlier release (sent again
                     # by a replay at the home) is not taken for the answer to this one.
@@ -239,19 +384,29 @@ class AlarmProcessor:
                                    _json({"alarm": key, "control": None, "ts": ts_ms, "move": move})))
                     releasing = pv
         elif isinstance(event, DefinitionSet) and at_pv_home(event.definition):
-            new = self._arrive(key, apply_control(old, event, ts_ms), ts_ms, out)
+            new = self._arrive(key, apply_control(old, event, ts_ms), ts_ms, out, children)
+            if masks_children(old.shown):
+                out += masking_outs(key, children, False)  # the home says when it masks
         else:
             new = step(old, event, ts_ms)
+            if isinstance(event, DefinitionSet) and _parent(old.definition) != _parent(new.definition):
+                new = step(new, ParentSet(False), ts_ms)  # until the new parent answers
             if new.shown != old.shown:
                 out.append(self._shown_out(key, new))
+                if children and masks_children(new.shown) != masks_children(old.shown):
+                    out += masking_outs(key, children, masks_children(new.shown))
         if isinstance(event, DefinitionSet):
             out[:0] = self._dependency_changes(key, old.definition, new.definition)
-        if new != old or releasing != (raw or {}).get("releasing") or move != (raw or {}).get("move", 0):
-            if is_empty(new) and releasing is None:
+        if (new != old or releasing != (raw or {}).get("releasing") or move != (raw or {}).get("move", 0)
+                or children != old_children):
+            if is_empty(new) and releasing is None and not children:
                 if raw is not None:
                     del self.table[key]
             else:
-                self.table[key] = {**state_to_json(new), "releasing": releasing, "move": move}
+                j = {**state_to_json(new), "releasing": releasing, "move": move}
+                if children:
+                    j["children"] = children
+                self.table[key] = j
         deadline = next_deadline(new)
         if deadline is None:
             self.deadlines.pop(key, None)
@@ -262,24 +417,32 @@ class AlarmProcessor:
     def _shown_out(self, key: str, st: AlarmState) -> Out:
         return Out("active-alarms", key.encode(), self.codec.encode("active-alarms", records.shown_datum(st.shown)))
 
-    def _arrive(self, key: str, st: AlarmState, ts_ms: int, out: list[Out]) -> AlarmState:
+    def _arrive(self, key: str, st: AlarmState, ts_ms: int, out: list[Out], children: list[str]) -> AlarmState:
         """From now on the alarm is evaluated where its definition says; that place
         publishes what it shows at once, even nothing, over whatever was shown before."""
         if at_pv_home(st.definition):
-            out.append(_control_out(key, st, ts_ms)._replace(handover=True))
-            # Evaluated at the home: nothing of its own shown state is kept here.
-            return replace(st, inputs={}, shown=None, active_since_ms=None, shelving_consumed=False)
+            out.append(_control_out(key, st, ts_ms, children)._replace(handover=True))
+            # Evaluated at the home: nothing of its own evaluation is kept here.
+            return evaluation_reset(st)
         st = step(st, Tick(), ts_ms)
         out.append(self._shown_out(key, st))
+        if children:
+            out += masking_outs(key, children, masks_children(st.shown))
         return st
 
     @staticmethod
     def _dependency_changes(alarm: str, old: AlarmDef | None, new: AlarmDef | None) -> list[Out]:
-        # Rule alarms only: a per-PV alarm's home learns of it from its control record.
-        before = old.pvs() if old and not at_pv_home(old) else frozenset()
-        after = new.pvs() if new and not at_pv_home(new) else frozenset()
+        # Alarms evaluated here only: a per-PV alarm's home learns of it from its control record.
+        before = old.input_pvs() if old and not at_pv_home(old) else frozenset()
+        after = new.input_pvs() if new and not at_pv_home(new) else frozenset()
         out = [Out("alarm-deps", pv.encode(), _json({"alarm": alarm, "uses": True})) for pv in sorted(after - before)]
         out += [Out("alarm-deps", pv.encode(), _json({"alarm": alarm, "uses": False})) for pv in sorted(before - after)]
+        was, now = _parent(old), _parent(new)
+        if was != now:
+            if was is not None:
+                out.append(Out("alarm-inputs", was.encode(), _json({"child": alarm, "watch": False})))
+            if now is not None:
+                out.append(Out("alarm-inputs", now.encode(), _json({"child": alarm, "watch": True})))
         return out
 
     def due(self, now_ms: int) -> list[Out]:

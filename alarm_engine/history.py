@@ -28,8 +28,11 @@ SOURCES = {
     "shelved-alarms": ("shelve", "unshelve"),
     "alarm-activations": ("activate", "deactivate"),
     "alarms": ("define", "undefine"),
+    "alarm-acks": ("ack", "ack-removed"),  # an unack record gives "unack"
+    "disabled-alarms": ("disable", "enable"),
 }
-ACTIONS = ("shelve", "unshelve", "activate", "deactivate", "define", "undefine")
+ACTIONS = ("shelve", "unshelve", "activate", "deactivate", "define", "undefine", "ack", "unack",
+           "disable", "enable")
 DEFAULT_RETENTION_MS = 30 * 86_400_000
 
 
@@ -101,6 +104,17 @@ def entry(topic: str, key: str, datum: dict | None, ts: int, partition: int, off
             e["priority"] = str(d["priority"])
     elif topic == "alarms" and datum is not None:
         e["message"] = str(d.get("description", ""))
+    elif topic == "alarm-acks" and datum is not None:
+        e["kind"] = "unack" if d.get("unack") else "ack"
+        e["user"] = e["user"] or str(d.get("user", ""))
+        e["host"] = e["host"] or str(d.get("host", ""))
+        e["message"] = str(d.get("comment", ""))
+    elif topic == "disabled-alarms" and datum is not None:
+        e["user"] = e["user"] or str(d.get("user", ""))
+        e["host"] = e["host"] or str(d.get("host", ""))
+        e["message"] = " ".join(x for x in (d.get("reason", ""), d.get("comment", "")) if x)
+        if d.get("until"):
+            e["message"] += f" (until {d['until']})"
     return e
 
 

@@ -18,6 +18,9 @@ alarm-inputs, chosen the same way:
   {"tick": long}                                   re-evaluate the alarm
   {"released": string, "move": long}               the PV's home has let the alarm go
   {"pv": string, "state": null | pv-state value}   a PV the alarm reads changed
+  {"parent": string, "masking": boolean}           the alarm's maskedBy parent masks it / no longer
+  {"child": string, "watch": boolean}              (keyed by the parent) the child names this alarm
+                                                   as its maskedBy parent / no longer does
 No tombstones on either.
 """
 
@@ -54,6 +57,8 @@ INPUTS = {
     "tick": _record("Tick", ("tick", "long")),
     "released": _record("Released", ("released", "string"), ("move", "long")),
     "pv": _record("PVInput", ("pv", "string"), ("state", ["null", _PV_STATE])),
+    "parent": _record("ParentMasking", ("parent", "string"), ("masking", "boolean")),
+    "child": _record("ChildWatch", ("child", "string"), ("watch", "boolean")),
 }
 
 
@@ -115,8 +120,8 @@ def alarm_input(value: bytes | None) -> dict:
         _name("alarm-inputs", "pv", datum["pv"])
         if datum["state"] is not None:
             records.pv_state(datum["state"])  # the limits of a pv-state record
-    elif shape == "released":
-        _name("alarm-inputs", "released", datum["released"])
+    elif shape in ("released", "parent", "child"):
+        _name("alarm-inputs", shape, datum[shape])
     return datum
 
 

@@ -12,7 +12,8 @@ definition, shelving and activation records:
 
   {"alarm": A, "uses": true|false}        rule alarm A starts / stops reading the PV
   {"alarm": A, "control": {...}, "ts": T}   per-PV alarm A's definition, shelving, activation,
-                                           as of the time T of the record that set them
+                                           ack, disable and maskedBy children, as of the time T
+                                           of the record that set them
   {"alarm": A, "control": null, "ts": T, "move": N}
                                           A is evaluated here no more (moved, or deleted): the
                                            home drops it and answers {"released": PV, "move": N}
@@ -36,18 +37,23 @@ from dataclasses import dataclass, field
 from alarm_engine import internal_records, records
 from alarm_engine.codec import BadRecord, Codec
 from alarm_engine.core import (
+    Ack,
+    AckSet,
     Activation,
     ActivationSet,
     AlarmState,
     DefinitionSet,
+    Disable,
+    DisableSet,
     PVUpdate,
     Shelving,
     ShelvingSet,
     Tick,
+    masks_children,
     next_deadline,
     step,
 )
-from alarm_engine.engine import Out, _def_from_tuple, _json, state_from_json, state_to_json
+from alarm_engine.engine import Out, _def_from_tuple, _json, masking_outs, state_from_json, state_to_json
 
 
 @dataclass
@@ -59,6 +65,7 @@ class PVEntry:
     rules: list[str] = field(default_factory=list)  # rule alarms reading this PV
     alarms: dict[str, AlarmState] = field(default_factory=dict)  # per-PV alarms on this PV
     released: dict[str, int] = field(default_factory=dict)  # alarm let go -> its move, answered again on a replay
+    children: dict[str, list[str]] = field(default_factory=dict)  # per-PV alarm -> alarms it masks (maskedBy)
 
     def is_empty(self) -> bool:
         return self.latest is None and not self.rules and not self.alarms and not self.released
@@ -78,9 +85,10 @@ def encode_entry(e: PVEntry) -> bytes:
         j = state_to_json(st, inputs=False)  # the PV's own state is `latest`, not a second copy
         del j["inputs"]
         alarms[name] = j
-    return json.dumps({"o": e.offsets, "latest": e.latest, "rules": e.rules, "alarms": alarms,
-                       "released": e.released},
-                      separators=(",", ":")).encode()
+    j = {"o": e.offsets, "latest": e.latest, "rules": e.rules, "alarms": alarms, "released": e.released}
+    if e.children:
+        j["children"] = e.children
+    return json.dumps(j, separators=(",", ":")).encode()
 
 
 def decode_entry(pv: str, raw: bytes | None) -> PVEntry:
@@ -92,7 +100,7 @@ def decode_entry(pv: str, raw: bytes | None) -> PVEntry:
     for name, a in j["alarms"].items():
         alarms[name] = state_from_json({**a, "inputs": {pv: latest} if latest is not None else {}})
     return PVEntry(offsets=j["o"], latest=latest, rules=list(j["rules"]), alarms=alarms,
-                   released=dict(j.get("released", {})))
+                   released=dict(j.get("released", {})), children=dict(j.get("children", {})))
 
 
 def _shown_out(codec: Codec, name: str, st: AlarmState) -> Out:
@@ -117,6 +125,9 @@ class PVHome:
     def current_outputs(self, pv: str, e: PVEntry) -> list[Out]:
         """What the entry implies downstream now: sent again for a replayed record."""
         out = [_shown_out(self.codec, name, st) for name, st in sorted(e.alarms.items())]
+        for name, children in sorted(e.children.items()):
+            if name in e.alarms:
+                out += masking_outs(name, children, masks_children(e.alarms[name].shown))
         msg = _json({"pv": pv, "state": e.latest})
         out += [Out("alarm-inputs", a.encode(), msg) for a in e.rules]
         out += [_released_out(pv, a, m) for a, m in sorted(e.released.items())]
@@ -132,6 +143,7 @@ class PVHome:
             new = e.alarms[name] = step(old, PVUpdate(pv, state), ts_ms)
             if new.shown != old.shown:
                 out.append(_shown_out(self.codec, name, new))
+                out += _masking_changes(name, old, new, e)
         if e.rules:
             msg = _json({"pv": pv, "state": datum})
             out += [Out("alarm-inputs", a.encode(), msg) for a in e.rules]
@@ -147,7 +159,9 @@ class PVHome:
             if old is None:
                 return []
             new = e.alarms[alarm] = step(old, Tick(), ts_ms)
-            return [_shown_out(self.codec, alarm, new)] if new.shown != old.shown else []
+            if new.shown == old.shown:
+                return []
+            return [_shown_out(self.codec, alarm, new)] + _masking_changes(alarm, old, new, e)
         ts = ts_ms if dep["ts"] is None else dep["ts"]
         return self._control(pv, alarm, dep["control"], ts, dep["move"] or 0, e)
 
@@ -164,14 +178,20 @@ class PVHome:
     def _control(self, pv: str, alarm: str, control, ts_ms: int, move: int, e: PVEntry) -> list[Out]:
         old = e.alarms.get(alarm)
         if control is None:
-            # Not evaluated here any more: say so; the alarm's new place publishes after that.
+            # Not evaluated here any more: say so; the alarm's new place publishes after that
+            # (and tells its children; here they hear that it masks them no more, first).
             e.alarms.pop(alarm, None)
+            children = e.children.pop(alarm, [])
             e.released[alarm] = move
-            return [_released_out(pv, alarm, move)]
+            out = masking_outs(alarm, children, False) if old is not None and masks_children(old.shown) else []
+            return out + [_released_out(pv, alarm, move)]
         try:
             defn = _def_from_tuple(tuple(control["def"]))
             shelving = Shelving(**control["shelving"]) if control["shelving"] else None
             activation = Activation(**control["activation"]) if control["activation"] else None
+            ack = Ack(**control["ack"]) if control.get("ack") else None
+            disable = Disable(**control["disable"]) if control.get("disable") else None
+            children = [str(c) for c in control.get("children") or ()]
         except (TypeError, ValueError, KeyError) as err:
             raise BadRecord(f"alarm-deps control of {alarm}: {err}") from None
         if defn.kind != "pv" or defn.pv != pv or defn.name != alarm:
@@ -179,14 +199,34 @@ class PVHome:
         st = old if old is not None else AlarmState()
         if old is None and e.latest is not None:
             st = step(st, PVUpdate(pv, records.pv_state(e.latest)), ts_ms)
-        for event in (DefinitionSet(defn), ShelvingSet(shelving), ActivationSet(activation)):
+        # An ack older than the alarm's current condition (here: one given before the alarm
+        # moved in) acknowledges nothing; the core keeps it as applied.
+        for event in (DefinitionSet(defn), ShelvingSet(shelving), ActivationSet(activation),
+                      DisableSet(disable), AckSet(ack)):
             st = step(st, event, ts_ms)
         e.alarms[alarm] = st
         e.released.pop(alarm, None)
-        if old is None:
+        before = e.children.get(alarm, [])
+        if children:
+            e.children[alarm] = children
+        else:
+            e.children.pop(alarm, None)
+        out = []
+        if old is None or st.shown != old.shown:
             # New here (defined, or moved in): whatever was shown before is overwritten.
-            return [_shown_out(self.codec, alarm, st)]
-        return [_shown_out(self.codec, alarm, st)] if st.shown != old.shown else []
+            out.append(_shown_out(self.codec, alarm, st))
+        if old is None or children != before:
+            out += masking_outs(alarm, children, masks_children(st.shown))
+        elif st.shown != old.shown:
+            out += _masking_changes(alarm, old, st, e)
+        return out
+
+
+def _masking_changes(alarm: str, old: AlarmState, new: AlarmState, e: PVEntry) -> list[Out]:
+    children = e.children.get(alarm)
+    if children and masks_children(old.shown) != masks_children(new.shown):
+        return masking_outs(alarm, children, masks_children(new.shown))
+    return []
 
 
 def _released_out(pv: str, alarm: str, move: int) -> Out:

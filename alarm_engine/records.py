@@ -7,9 +7,11 @@ record the engine would reject is refused at the console too.
 
 from __future__ import annotations
 
+import time
+
 from alarm_engine.codec import BadRecord
 from alarm_engine.config import Settings
-from alarm_engine.core.model import AlarmDef, Activation, Connection, PVState, Severity, Shelving
+from alarm_engine.core.model import Ack, AlarmDef, Activation, Connection, Disable, PVState, Severity, Shelving
 
 MASK_SYMBOLS = ("VALUE", "ALARM", "ATTRIBUTE", "LOG")
 # Expirations outside these bounds are mistakes (seconds for milliseconds, typos).
@@ -27,6 +29,13 @@ MAX_TEXT = 65_536
 # state per PV it depends on).
 MAX_WAVEFORM = 1000
 MAX_PV_TEXT = 16_384
+# Operator actions and guidance: a user name, a host, a short reason or title.
+MAX_SHORT = 256
+MAX_COMMENT = 4096
+MAX_DELAY_S = 86_400  # on- and off-delays longer than a day are mistakes
+MAX_COUNT = 1000
+MAX_DISPLAYS = 50
+MAX_URL = 2048
 
 
 def _text(what: str, s: str, limit: int = MAX_TEXT) -> str:
@@ -72,6 +81,7 @@ def alarm_def(name: str, datum: dict, settings: Settings) -> AlarmDef:
             raise BadRecord(f"alarm {name!r}: {field} {datum[field]!r} is not one of {', '.join(allowed)}")
     meta = dict(location=datum["location"], category=datum["category"], doc_url=datum["docUrl"],
                 edm_path=datum["edmPath"], description=datum["description"])
+    meta.update(_management(name, datum, settings))
     try:
         if "pv" in p:
             pv_name(f"alarm {name!r}", p["pv"])
@@ -98,23 +108,164 @@ def alarm_def(name: str, datum: dict, settings: Settings) -> AlarmDef:
         raise BadRecord(f"alarm {name!r}: {e}") from e
 
 
-def shelving(name: str, datum: dict, set_ms: int) -> Shelving:
-    expiration, reason = datum["expiration"], datum["reason"]
+def _seconds_ms(what: str, seconds: float, limit: float) -> int:
+    if seconds != seconds or not 0 <= seconds <= limit:  # NaN compares false
+        raise BadRecord(f"{what} is {seconds} seconds (0 to {limit:g})")
+    return round(seconds * 1000)
+
+
+def display_url(what: str, url: str) -> str:
+    """An operator link: http(s):// or a relative path, never a command or another scheme."""
+    _text(what, url, MAX_URL)
+    u = url.strip()
+    if not u:
+        raise BadRecord(f"{what} is empty")
+    lower = u.lower()
+    if lower.startswith(("http://", "https://")):
+        return url
+    if ":" in u.split("/", 1)[0] or u.startswith(("/", "\\")) or any(c in u for c in "|;`$<>\n\r"):
+        raise BadRecord(f"{what} {u[:80]!r} is neither an http(s):// URL nor a relative path")
+    return url
+
+
+def _management(name: str, datum: dict, settings: Settings) -> dict:
+    """The alarm-management fields of an alarm record (all optional on the wire)."""
+    what = f"alarm {name!r}"
+    latching = datum.get("latching")
+    out = dict(latching=settings.latching_default if latching is None else bool(latching))
+    out["delay_ms"] = _seconds_ms(f"{what}: delaySeconds", datum.get("delaySeconds", 0), MAX_DELAY_S)
+    out["off_delay_ms"] = _seconds_ms(f"{what}: offDelaySeconds", datum.get("offDelaySeconds", 0), MAX_DELAY_S)
+    count = datum.get("count", 0)
+    if not 0 <= count <= MAX_COUNT:
+        raise BadRecord(f"{what}: count is {count} (0 to {MAX_COUNT})")
+    out["count"] = count
+    flt = datum.get("filter")
+    if flt is not None:
+        if len(flt) > MAX_EXPRESSION:
+            raise BadRecord(f"{what}: filter: longer than {MAX_EXPRESSION} characters")
+        from alarm_engine.core.rules import parse
+
+        try:
+            rule = parse(flt)
+        except Exception as e:  # RuleError carries the column of the syntax error
+            raise BadRecord(f"{what}: filter: {e}") from e
+        for pv in rule.pvs:
+            if len(pv) > MAX_NAME:
+                raise BadRecord(f"{what}: filter: PV name of {len(pv)} characters (at most {MAX_NAME})")
+    out["filter"] = flt
+    parent = datum.get("maskedBy")
+    if parent is not None:
+        _text(f"{what}: maskedBy", parent, MAX_NAME)
+        if not parent.strip():
+            raise BadRecord(f"{what}: maskedBy is empty (null: no parent)")
+        if parent == name:
+            raise BadRecord(f"{what}: maskedBy names the alarm itself")
+    out["masked_by"] = parent
+    g = datum.get("guidance") or {}
+    for field, key in (("rationale", "rationale"), ("consequence", "consequence"),
+                       ("corrective_action", "correctiveAction")):
+        out[field] = _text(f"{what}: guidance: {key}", g.get(key, ""), MAX_COMMENT)
+    rt = g.get("responseTimeSeconds", 0)
+    if not 0 <= rt <= 7 * MAX_DELAY_S:
+        raise BadRecord(f"{what}: guidance: responseTimeSeconds is {rt} (0 to {7 * MAX_DELAY_S})")
+    out["response_time_s"] = rt
+    displays = datum.get("displays", [])
+    if len(displays) > MAX_DISPLAYS:
+        raise BadRecord(f"{what}: displays: {len(displays)} of them (at most {MAX_DISPLAYS})")
+    out["displays"] = tuple(
+        (_text(f"{what}: displays: title", d["title"], MAX_SHORT), display_url(f"{what}: displays: url", d["url"]))
+        for d in displays)
+    return out
+
+
+def _user(what: str, user: str) -> str:
+    if not user.strip():
+        raise BadRecord(f"{what}: user must not be empty")
+    return _text(f"{what}: user", user, MAX_SHORT)
+
+
+def _expiry(what: str, t: int | None) -> int | None:
+    if t is not None and not MIN_TIME_MS <= t <= MAX_TIME_MS:
+        raise BadRecord(f"{what} {t} is not a time in milliseconds since the epoch between 2000 and 3000")
+    return t
+
+
+def shelve_reason(reason: str, settings: Settings) -> str:
+    """The listed reason matching `reason` case-insensitively; empty reads as Other."""
+    if not reason.strip():
+        return "Other"
+    for r in settings.shelve_reasons:
+        if r.lower() == reason.strip().lower():
+            return r
+    raise BadRecord(f"reason {reason[:80]!r} is not one of {', '.join(settings.shelve_reasons)}")
+
+
+def shelving(name: str, datum: dict, set_ms: int, settings: Settings | None = None) -> Shelving:
+    settings = settings or Settings()
+    what = f"shelving {name!r}"
+    expiration, reason, comment = datum["expiration"], datum["reason"], datum["comment"]
     legacy = datum.get("duration")
     if isinstance(legacy, dict):  # the original scripts' form
         if "expiration" in legacy and expiration is None:
             expiration = legacy["expiration"]
         elif "reason" in legacy and not reason:
-            reason = legacy["reason"]
-    if expiration is not None and not MIN_TIME_MS <= expiration <= MAX_TIME_MS:
-        raise BadRecord(f"shelving {name!r}: expiration {expiration} is not a time in milliseconds "
-                        f"since the epoch between 2000 and 3000")
-    if not datum["user"].strip():
-        raise BadRecord(f"shelving {name!r}: user must not be empty")
-    for field, text in (("user", datum["user"]), ("reason", reason), ("comment", datum["comment"])):
-        _text(f"shelving {name!r}: {field}", text)
-    return Shelving(user=datum["user"], reason=reason, comment=datum["comment"],
-                    expiration_ms=expiration, oneshot=datum["oneshot"], set_ms=set_ms)
+            # Its reason was free text: kept as the comment, under the reason Other.
+            reason = "Other"
+            comment = legacy["reason"] + (f"; {comment}" if comment else "")
+    _expiry(f"{what}: expiration", expiration)
+    _user(what, datum["user"])
+    host = _text(f"{what}: host", datum.get("host", ""), MAX_SHORT)
+    _text(f"{what}: comment", comment)
+    _text(f"{what}: reason", reason, MAX_SHORT)
+    try:
+        reason = shelve_reason(reason, settings)
+    except BadRecord as e:
+        raise BadRecord(f"{what}: {e}") from None
+    limit = settings.max_shelve_s
+    if limit > 0:
+        if expiration is None:
+            raise BadRecord(f"{what}: no expiration, but shelvings are limited to {limit} s "
+                            f"(ALARM_ENGINE_MAX_SHELVE_S); give a duration")
+        if expiration - set_ms > limit * 1000:
+            raise BadRecord(f"{what}: expiration {(expiration - set_ms) / 1000:.0f} s after the record's "
+                            f"time, more than the limit of {limit} s (ALARM_ENGINE_MAX_SHELVE_S)")
+    return Shelving(user=datum["user"], reason=reason, comment=comment, expiration_ms=expiration,
+                    oneshot=datum["oneshot"], set_ms=set_ms, host=host)
+
+
+def ack(name: str, datum: dict) -> Ack:
+    what = f"ack {name!r}"
+    _user(what, datum["user"])
+    _expiry(f"{what}: time", datum["time"])
+    return Ack(user=datum["user"], host=_text(f"{what}: host", datum.get("host", ""), MAX_SHORT),
+               comment=_text(f"{what}: comment", datum.get("comment", ""), MAX_COMMENT),
+               ack_ms=datum["time"], unack=bool(datum.get("unack", False)))
+
+
+def disable(name: str, datum: dict, set_ms: int) -> Disable:
+    """set_ms: the record's time; an `until` at or before it was in the past when written."""
+    what = f"disabling {name!r}"
+    _user(what, datum["user"])
+    until = _expiry(f"{what}: until", datum.get("until"))
+    if until is not None and set_ms and until <= set_ms:
+        raise BadRecord(f"{what}: until {until} is not after the record's time {set_ms} "
+                        f"(a disabling that ended before it began)")
+    return Disable(user=datum["user"], host=_text(f"{what}: host", datum.get("host", ""), MAX_SHORT),
+                   reason=_text(f"{what}: reason", datum.get("reason", ""), MAX_SHORT),
+                   comment=_text(f"{what}: comment", datum.get("comment", ""), MAX_COMMENT),
+                   until_ms=until, set_ms=set_ms)
+
+
+def location(name: str, datum: dict) -> tuple[str | None, str]:
+    what = f"location {name!r}"
+    parent = datum.get("parent")
+    if parent is not None:
+        _text(f"{what}: parent", parent, MAX_NAME)
+        if not parent.strip():
+            raise BadRecord(f"{what}: parent is empty (null: top level)")
+        if parent == name:
+            raise BadRecord(f"{what}: parent names the location itself")
+    return parent, _text(f"{what}: description", datum.get("description", ""))
 
 
 def activation(datum: dict) -> Activation:
@@ -167,6 +318,8 @@ def shown_datum(shown) -> dict | None:
         shelf = {"kind": shown.shelving_kind, "user": shown.shelved_by or "",
                  "reason": getattr(shown, "shelf_reason", "") or "",
                  "expiration": shown.shelf_expiration_ms}
+    # getattr: the acknowledgement and disabling attributes are newer than Shown itself.
+    a, d = getattr(shown, "ack", None), getattr(shown, "disable", None)
     return {
         "priority": shown.priority,
         "state": shown.state,
@@ -175,17 +328,31 @@ def shown_datum(shown) -> dict | None:
         "message": shown.message,
         "since": shown.since_ms,
         "shelving": shelf,
+        "ackState": getattr(shown, "ack_state", None),
+        "ack": None if a is None else {"user": a.user, "host": a.host, "time": a.ack_ms, "comment": a.comment},
+        "disabled": None if d is None else {"user": d.user, "host": d.host, "reason": d.reason,
+                                            "comment": d.comment, "until": d.until_ms},
     }
 
 
-def validate(topic: str, key: str, datum: dict, settings: Settings, now_ms: int = 0):
-    """The core value of an input record; raises BadRecord with the reason."""
+def validate(topic: str, key: str, datum: dict, settings: Settings, now_ms: int | None = None):
+    """The core value of an input record; raises BadRecord with the reason. now_ms: the
+    record's time (a worker passes the record's timestamp); None: now, for a record about
+    to be written."""
+    if now_ms is None:
+        now_ms = int(time.time() * 1000)
     if topic == "monitored-pvs":
         return monitor_mask(datum)
     if topic == "alarms":
         return alarm_def(key, datum, settings)
     if topic == "shelved-alarms":
-        return shelving(key, datum, now_ms)
+        return shelving(key, datum, now_ms, settings)
+    if topic == "alarm-acks":
+        return ack(key, datum)
+    if topic == "disabled-alarms":
+        return disable(key, datum, now_ms)
+    if topic == "alarm-locations":
+        return location(key, datum)
     if topic == "alarm-activations":
         return activation(datum)
     if topic == "pv-state":

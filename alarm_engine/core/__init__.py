@@ -1,22 +1,36 @@
 """The pure functional core: no I/O, no Kafka, no CA, no clock reads.
 
-model: values (Severity, Connection, PVState, AlarmDef, Shelving, Activation).
+model: values (Severity, Connection, PVState, AlarmDef, Shelving, Activation, Ack, Disable).
 rules: the safe rule expression language (parse -> Rule).
 alarm: one alarm's state and the step function; see PRECEDENCE.md.
 """
 
 from alarm_engine.core.alarm import (
+    ACK,
+    ACTIVE,
+    DISABLED,
+    MASKED,
+    NONE,
+    RTN_UNACK,
+    SHELVED,
+    SUPPRESSED,
+    UNACK,
+    AckSet,
     ActivationSet,
     AlarmCause,
     AlarmState,
     DefinitionSet,
+    DisableSet,
     Event,
+    ParentSet,
     PVUpdate,
     ShelvingSet,
     Shown,
     Tick,
     apply_control,
+    disable_in_force,
     find_cause,
+    masks_children,
     next_deadline,
     shelving_in_force,
     step,
@@ -24,9 +38,11 @@ from alarm_engine.core.alarm import (
 )
 from alarm_engine.core.model import (
     PRIORITIES,
+    Ack,
     Activation,
     AlarmDef,
     Connection,
+    Disable,
     PVState,
     Severity,
     Shelving,
@@ -34,7 +50,18 @@ from alarm_engine.core.model import (
 from alarm_engine.core.rules import Rule, RuleError, parse
 
 __all__ = [
+    "ACK",
+    "ACTIVE",
+    "DISABLED",
+    "MASKED",
+    "NONE",
     "PRIORITIES",
+    "RTN_UNACK",
+    "SHELVED",
+    "SUPPRESSED",
+    "UNACK",
+    "Ack",
+    "AckSet",
     "Activation",
     "ActivationSet",
     "AlarmCause",
@@ -42,8 +69,11 @@ __all__ = [
     "AlarmState",
     "Connection",
     "DefinitionSet",
+    "Disable",
+    "DisableSet",
     "Event",
     "PVState",
+    "ParentSet",
     "PVUpdate",
     "Rule",
     "RuleError",
@@ -53,7 +83,9 @@ __all__ = [
     "Shown",
     "Tick",
     "apply_control",
+    "disable_in_force",
     "find_cause",
+    "masks_children",
     "next_deadline",
     "parse",
     "shelving_in_force",

@@ -1,4 +1,5 @@
-"""Plain values of the alarm core: severities, PV states, definitions, shelvings.
+"""Plain values of the alarm core: severities, PV states, definitions, shelvings,
+acknowledgements and disables.
 
 Everything here is immutable and free of I/O. Times are integer milliseconds
 since the Unix epoch and are always passed in, never read from a clock.
@@ -85,7 +86,22 @@ class AlarmDef:
     doc_url: str = ""
     edm_path: str = ""
     description: str = ""
+    # Alarm management (ISA-18.2); see PRECEDENCE.md. Appended, so positional calls keep working.
+    latching: bool = False
+    delay_ms: int = 0  # on-delay; 0 = none
+    count: int = 0  # with delay_ms > 0: `count` cause transitions within delay_ms raise at once
+    off_delay_ms: int = 0
+    filter: str | None = None  # enabling filter (rule language); false suppresses the alarm
+    masked_by: str | None = None  # the parent alarm's name
+    rationale: str = ""
+    consequence: str = ""
+    corrective_action: str = ""
+    response_time_s: int = 0  # 0 = not given
+    displays: tuple = ()  # ((title, url), ...)
     _rule: "Rule | None" = field(default=None, init=False, repr=False, compare=False)
+    _filter_rule: "Rule | None" = field(default=None, init=False, repr=False, compare=False)
+    # True when no management field changes evaluation: step() may skip that work.
+    _plain: bool = field(default=True, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -103,6 +119,23 @@ class AlarmDef:
             from alarm_engine.core.rules import parse  # lazy: rules imports this module
 
             object.__setattr__(self, "_rule", parse(self.expression))
+        for name in ("delay_ms", "count", "off_delay_ms", "response_time_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, not {value!r}")
+        object.__setattr__(self, "latching", bool(self.latching))
+        # Lists (from JSON) become tuples so that the definition stays hashable.
+        displays = tuple(tuple(d) for d in self.displays)
+        for d in displays:
+            if len(d) != 2 or not all(isinstance(x, str) for x in d):
+                raise ValueError(f"a display is a (title, url) pair of strings, not {d!r}")
+        object.__setattr__(self, "displays", displays)
+        if self.filter is not None:
+            from alarm_engine.core.rules import parse
+
+            object.__setattr__(self, "_filter_rule", parse(self.filter))
+        plain = not (self.latching or self.delay_ms or self.off_delay_ms or self.filter is not None)
+        object.__setattr__(self, "_plain", plain)
 
     @classmethod
     def for_pv(cls, name: str, pv: str, priority: str, **metadata: str) -> "AlarmDef":
@@ -127,6 +160,17 @@ class AlarmDef:
     def rule(self) -> "Rule | None":
         """The parsed expression of a 'rule' alarm, else None."""
         return self._rule
+
+    @property
+    def filter_rule(self) -> "Rule | None":
+        """The parsed enabling filter, else None."""
+        return self._filter_rule
+
+    def input_pvs(self) -> frozenset[str]:
+        """Every PV the alarm must be told about: its dependencies and its filter's."""
+        if self._filter_rule is None:
+            return self.pvs()
+        return self.pvs() | self._filter_rule.pvs
 
     def pvs(self) -> frozenset[str]:
         """Names of the PVs this alarm depends on."""
@@ -153,6 +197,7 @@ class Shelving:
     expiration_ms: int | None = None
     oneshot: bool = False
     set_ms: int = 0
+    host: str = ""
 
     @property
     def kind(self) -> str:
@@ -165,6 +210,34 @@ class Shelving:
     def expired(self, now_ms: int) -> bool:
         # Shelved for t < expiration: at exactly the expiration it has ended.
         return self.expiration_ms is not None and now_ms >= self.expiration_ms
+
+
+@dataclass(frozen=True)
+class Ack:
+    """An operator's acknowledgement (or, with unack, its withdrawal) given at ack_ms.
+
+    It acknowledges only an alarm condition that began at or before ack_ms."""
+
+    user: str
+    host: str = ""
+    comment: str = ""
+    ack_ms: int = 0
+    unack: bool = False
+
+
+@dataclass(frozen=True)
+class Disable:
+    """An alarm taken out of service; until_ms (if given) ends it by itself."""
+
+    user: str
+    host: str = ""
+    reason: str = ""
+    comment: str = ""
+    until_ms: int | None = None
+    set_ms: int = 0
+
+    def expired(self, now_ms: int) -> bool:
+        return self.until_ms is not None and now_ms >= self.until_ms
 
 
 @dataclass(frozen=True)

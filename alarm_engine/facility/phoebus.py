@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import urllib.parse
 from xml.etree import ElementInclude, ElementTree
 
+from alarm_engine import records
 from alarm_engine.codec import BadRecord, JsonReader
 from alarm_engine.facility import pvname
 from alarm_engine.facility.fileformat import schemas as config_schemas
@@ -36,7 +38,7 @@ PV_CHILDREN = {"description", "enabled", "latching", "annunciating", "delay", "c
 CANDIDATES = {
     "latching": (("latching", 1),),
     "enabled": (("enabled", 1),),
-    "delay": (("onDelay", 1), ("delay", 1), ("onDelaySeconds", 1), ("onDelayMs", 1000)),
+    "delay": (("delaySeconds", 1), ("onDelay", 1), ("delay", 1), ("onDelaySeconds", 1), ("onDelayMs", 1000)),
     "count": (("count", 1), ("onDelayCount", 1), ("delayCount", 1)),
     "filter": (("filter", 1), ("enablingFilter", 1)),
     "guidance": (("guidance", 1),),
@@ -86,6 +88,20 @@ def _text(el, tag: str) -> str | None:
 def _title_details(el) -> tuple[str, str]:
     # Phoebus writes <details>; its XSD says <detail>: read both.
     return (_text(el, "title") or "", _text(el, "details") or _text(el, "detail") or "")
+
+
+def _rule_filter(text: str) -> str | None:
+    """A Phoebus enabling filter ('PV' > 5 && 'B' == 1) in the rule language, or None."""
+    from alarm_engine.core.rules import parse
+
+    rule = re.sub(r"'([^']*)'", r"`\1`", text)
+    rule = rule.replace("&&", " and ").replace("||", " or ")
+    rule = re.sub(r"!(?!=)", " not ", rule)
+    try:
+        parse(rule)
+    except Exception:
+        return None
+    return rule
 
 
 def _candidate(alarm_schema: dict, setting: str):
@@ -199,7 +215,11 @@ def import_tree(root, source_name: str, alarm_schema: dict | None = None) -> tup
                     put(entry, setting, value, where, what)
         filt = _text(el, "filter")
         if filt:
-            put(entry, "filter", filt, where, "filter")
+            rule = _rule_filter(filt)
+            if rule is None:
+                report.add("not imported: filter (not expressible in the rule language)", f"{where}: {filt}")
+            else:
+                put(entry, "filter", rule, where, "filter")
         own = {key: [_title_details(c) for c in el.findall(tag)]
                for tag, key in (("guidance", "guidance"), ("display", "displays"), ("command", "commands"),
                                 ("automated_action", "actions"))}
@@ -207,20 +227,28 @@ def import_tree(root, source_name: str, alarm_schema: dict | None = None) -> tup
         displays = own["displays"] + lists.get("displays", [])
         if guidance:
             put(entry, "guidance", [{"title": t, "details": d} for t, d in guidance], where, "guidance")
-        if displays and _candidate(alarm_schema, "displays"):
-            put(entry, "displays", [{"title": t, "details": d} for t, d in displays], where, "displays")
-        elif displays:
+        if displays:
             # A web link (or what export wrote as "Documentation") is the docUrl, a screen the
-            # edmPath; one of each.
-            extra = 0
+            # edmPath; one of each. The rest go to displays when the schema has them.
+            extra = []
             for title, details in displays:
                 doc = details.startswith(("http://", "https://")) or title == "Documentation"
                 key = "docUrl" if doc else "edmPath"
                 if key in entry:
-                    extra += 1
+                    extra.append((title, details))
                 else:
                     entry[key] = details
-            if extra:
+            links = []
+            for title, details in extra:
+                try:
+                    records.display_url("display", details)
+                    links.append({"title": title, "url": details})
+                except BadRecord:
+                    report.add("not imported: display that is not an http(s) URL or relative path",
+                               f"{where}: {title}")
+            if links and _candidate(alarm_schema, "displays"):
+                put(entry, "displays", links, where, "displays")
+            elif links:
                 report.add("not imported: displays beyond one screen (edmPath) and one web link (docUrl)", where)
         for t, _ in own["commands"]:
             report.add("not imported, never run: command", f"{where}: {t}")

@@ -5,7 +5,7 @@ Data flow (each arrow a topic; tables in brackets; the module that does it):
   monitored-pvs --> monitored_agent [monitored] --CA--> pv-state             bridge.py
   pv-state, alarm-deps --> hot path [pv-home] --> active-alarms (per-PV alarms)
                                               --> alarm-inputs (rule alarms)  hotpath.py
-  alarms, shelved-alarms, alarm-activations, alarm-inputs
+  alarms, shelved-alarms, alarm-activations, alarm-acks, disabled-alarms, alarm-inputs
       --> alarm_agent [alarm-state] --> active-alarms (rule, external alarms)
                                     --> alarm-deps (to the PVs' homes)        alarms.py
   active-alarms, operator topics --> history writer --> alarm-history         history_writer.py

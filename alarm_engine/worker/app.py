@@ -100,12 +100,11 @@ def _topic(logical: str, **kw) -> faust.TopicT:
 OUT = {name: _topic(name) for name in ("pv-state", "active-alarms", "dead-letters", "alarm-deps", "alarm-inputs")}
 
 monitored_in = _topic("monitored-pvs")
-alarm_keyed_in = app.topic(*(settings.topic(t) for t in ("alarms", "shelved-alarms", "alarm-activations",
-                                                         "alarm-inputs")),
+ALARM_KEYED = ("alarms", "shelved-alarms", "alarm-activations", "alarm-acks", "disabled-alarms", "alarm-inputs")
+alarm_keyed_in = app.topic(*(settings.topic(t) for t in ALARM_KEYED),
                            key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 # The inputs of the Faust agents (the control path); pv-state and alarm-deps are the hot path's.
-LOGICAL = {settings.topic(t): t for t in ("monitored-pvs", "alarms", "shelved-alarms", "alarm-activations",
-                                          "alarm-inputs")}
+LOGICAL = {settings.topic(t): t for t in ("monitored-pvs",) + ALARM_KEYED}
 trace.LOGICAL.update(LOGICAL)
 faust_internals.KAFKA_KWARGS.update(settings.kafka_kwargs())
 

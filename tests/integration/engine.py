@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from alarm_engine.codec import decode_key
+from alarm_engine.codec import BadRecord, decode_key
 from alarm_engine.config import Settings
 from alarm_engine.kafka_io import replay
 from alarm_engine.registry import make_codec
@@ -167,7 +167,7 @@ class Workload:
     """Random but seeded input records: (logical topic, key, datum or None for a tombstone).
 
     PV states go straight to `pv-state` (no IOC; the PVs are not in monitored-pvs).
-    Shelvings never race time: an expiration is an hour in the past or a week ahead.
+    Shelvings never race time: an expiration is an hour in the past or an hour or 12 h ahead.
     No one-shot shelving and no pv-state tombstones: their effect depends on how the
     alarm-keyed and the PV-keyed streams interleave, which no oracle can know.
     """
@@ -211,7 +211,8 @@ class Workload:
 
     def _shelving(self) -> dict:
         r = self.rnd
-        expiration = r.choice([None, self.t0 - 3_600_000, self.t0 + 7 * 86_400_000])
+        # Within the default longest shelving (a day), with listed reasons: none is refused.
+        expiration = r.choice([self.t0 - 3_600_000, self.t0 + 3_600_000, self.t0 + 12 * 3_600_000])
         return {"user": r.choice(["op1", "op2"]), "reason": r.choice(["", "Chattering", "Maintenance"]),
                 "comment": "", "expiration": expiration, "oneshot": False, "duration": None}
 
@@ -254,6 +255,11 @@ class Oracle:
 
     def apply(self, topic: str, key: str, datum: dict | None, ts: int) -> None:
         self.last_ts = max(self.last_ts, ts)
+        if topic == "shelved-alarms" and datum is not None:
+            try:
+                _records.shelving(key, datum, ts, self.settings)
+            except BadRecord:
+                return  # the engine dead-letters it: nothing changes
         self.final[(topic, key)] = datum
         if topic == "pv-state":
             state = _records.pv_state(datum)
@@ -273,7 +279,7 @@ class Oracle:
             for pv in before - after:
                 self.dependents[pv].discard(key)
         elif topic == "shelved-alarms":
-            self._step(key, ShelvingSet(None if datum is None else _records.shelving(key, datum, ts)), ts)
+            self._step(key, ShelvingSet(None if datum is None else _records.shelving(key, datum, ts, self.settings)), ts)
         elif topic == "alarm-activations":
             self._step(key, ActivationSet(None if datum is None else _records.activation(datum)), ts)
         else:
@@ -302,7 +308,7 @@ class Oracle:
                     st = step(st, PVUpdate(pv, _records.pv_state(pv_datum)), self.last_ts)
             sh = self.final.get(("shelved-alarms", alarm))
             if sh is not None:
-                st = step(st, ShelvingSet(_records.shelving(alarm, sh, self.last_ts)), self.last_ts)
+                st = step(st, ShelvingSet(_records.shelving(alarm, sh, self.last_ts, self.settings)), self.last_ts)
             act = self.final.get(("alarm-activations", alarm))
             if act is not None:
                 st = step(st, ActivationSet(_records.activation(act)), self.last_ts)
@@ -382,7 +388,7 @@ def wait_converged(view: ActiveView, expected: dict[str, dict], timeout: float) 
 
 
 ENGINE_INPUTS = ("monitored-pvs", "pv-state", "alarm-deps", "alarms", "shelved-alarms",
-                 "alarm-activations", "alarm-inputs")
+                 "alarm-activations", "alarm-acks", "disabled-alarms", "alarm-inputs")
 
 
 def input_offsets(settings: Settings, committed: bool = True) -> tuple[dict, dict]:

@@ -89,7 +89,7 @@ def test_edited_definition_keeps_since_and_first_seen():
 def test_c1_disconnect_beats_value_alarm():
     s = run((T0, DefinitionSet(TEMP)), (T0, PVUpdate("TEMP:1", pv(MAJOR, "HIHI"))))
     s = step(s, PVUpdate("TEMP:1", PVState(Connection.DISCONNECTED, 99.0, MAJOR, "HIHI", None, T0)), T0 + 1)
-    assert s.shown == Shown("ACTIVE", INVALID, "DISCONNECTED", "P2_PROPERTY", None, None, None, T0, "TEMP:1 disconnected")
+    assert s.shown == Shown("ACTIVE", INVALID, "DISCONNECTED", "P2_PROPERTY", None, None, None, T0, "TEMP:1 disconnected", ack_state="UNACK")
 
 
 def test_c2_never_connected():
@@ -112,7 +112,7 @@ def test_c1_disconnected_beats_never_connected_in_a_rule():
 def test_c3_pv_alarm_severity(severity):
     s = run((T0, DefinitionSet(TEMP)), (T0, PVUpdate("TEMP:1", pv(severity, "HIHI"))))
     assert s.shown == Shown(
-        "ACTIVE", severity, "PV_ALARM", "P2_PROPERTY", None, None, None, T0, f"TEMP:1 {severity.name} HIHI"
+        "ACTIVE", severity, "PV_ALARM", "P2_PROPERTY", None, None, None, T0, f"TEMP:1 {severity.name} HIHI", ack_state="UNACK"
     )
 
 
@@ -130,7 +130,7 @@ def test_c4_rule_over_two_pvs():
     assert s.shown is None  # B unknown: the rule is unknown, no cause
     s = step(s, PVUpdate("B", pv(value=1)), T0 + 1)
     assert s.shown == Shown(
-        "ACTIVE", MINOR, "RULE", "P1_LIFE", None, None, None, T0 + 1, "rule true: `A` > 5 and `B` < 3"
+        "ACTIVE", MINOR, "RULE", "P1_LIFE", None, None, None, T0 + 1, "rule true: `A` > 5 and `B` < 3", ack_state="UNACK"
     )
     s = step(s, PVUpdate("B", pv(value=4)), T0 + 2)
     assert s.shown is None  # false
@@ -147,7 +147,8 @@ def test_c4_rule_ignores_pv_severity_but_not_connection():
 
 def test_c5_external_activation():
     s = run((T0, DefinitionSet(EXT)), (T0 + 1, ActivationSet(Activation("P1_LIFE", "beam dump"))))
-    assert s.shown == Shown("ACTIVE", MAJOR, "EXTERNAL", "P1_LIFE", None, None, None, T0 + 1, "external: beam dump")
+    assert s.shown == Shown("ACTIVE", MAJOR, "EXTERNAL", "P1_LIFE", None, None, None, T0 + 1, "external: beam dump",
+                            ack_state="UNACK")
     s = step(s, ActivationSet(Activation()), T0 + 2)
     assert (s.shown.priority, s.shown.message, s.shown.since_ms) == ("P4_DIAGNOSTIC", "externally active", T0 + 1)
     assert step(s, ActivationSet(None), T0 + 3).shown is None
@@ -225,7 +226,8 @@ def alarming(*extra):
 def test_s3_indefinite_shelving_shows_shelved_not_hidden():
     s = alarming((T0 + 1, ShelvingSet(Shelving("alice", "Chattering", "noisy", set_ms=T0 + 1))))
     assert s.shown == Shown(
-        "SHELVED", MAJOR, "PV_ALARM", "P2_PROPERTY", "INDEFINITE", "alice", None, T0, "TEMP:1 MAJOR HIHI", "Chattering"
+        "SHELVED", MAJOR, "PV_ALARM", "P2_PROPERTY", "INDEFINITE", "alice", None, T0, "TEMP:1 MAJOR HIHI", "Chattering",
+        ack_state="UNACK",
     )
     assert next_deadline(s) is None
     assert shelving_in_force(s, T0 + 10**12)

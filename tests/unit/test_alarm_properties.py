@@ -168,10 +168,11 @@ def reference(history):
     if shelving is not None and not consumed and unexpired(times[last]):
         return (
             Shown("SHELVED", severity, cause, priority, shelving.kind, shelving.user,
-                  shelving.expiration_ms, times[start], message, shelving.reason),
+                  shelving.expiration_ms, times[start], message, shelving.reason, "UNACK"),
             consumed,
         )  # fmt: skip
-    return Shown("ACTIVE", severity, cause, priority, None, None, None, times[start], message), consumed
+    return Shown("ACTIVE", severity, cause, priority, None, None, None, times[start], message,
+                 ack_state="UNACK"), consumed
 
 
 def run_all(history):

@@ -34,6 +34,9 @@ from alarm_engine.config import Settings
 from alarm_engine.core.rules import MAX_DEPTH, RuleError, parse
 
 INPUT_TOPICS = ("monitored-pvs", "alarms", "shelved-alarms", "alarm-activations", "pv-state")
+# The operator actions and the location tree (config.MANAGEMENT_TOPICS): checked here record by
+# record; the end-to-end corpus (tests/integration/test_bad_input.py) covers INPUT_TOPICS.
+MANAGEMENT_INPUTS = ("alarm-acks", "disabled-alarms", "alarm-locations")
 NOW_MS = 1_767_225_600_000  # 2026-01-01
 SETTINGS = Settings()
 
@@ -42,15 +45,19 @@ VALID = {
     "monitored-pvs": {"mask": ["VALUE", "ALARM"], "topic": None},
     "alarms": {"producer": {"source": "test"}, "location": "L", "category": "C", "docUrl": "",
                "edmPath": "", "priority": "P3_PRODUCTIVITY", "description": ""},
-    "shelved-alarms": {"user": "op", "reason": "", "comment": "", "expiration": None,
+    "shelved-alarms": {"user": "op", "reason": "", "comment": "", "expiration": NOW_MS + 3_600_000,
                        "oneshot": False, "duration": None},
     "alarm-activations": {"priority": None, "note": "n"},
     "pv-state": {"connection": "CONNECTED", "value": 1.0, "severity": "MAJOR", "status": "HIHI",
                  "iocTimestamp": None, "receivedAt": NOW_MS},
+    "alarm-acks": {"user": "op", "host": "console1", "comment": "", "time": NOW_MS, "unack": False},
+    "disabled-alarms": {"user": "op", "host": "", "reason": "broken", "comment": "", "until": NOW_MS + 3_600_000},
+    "alarm-locations": {"parent": "CEBAF", "description": ""},
 }
 # Another topic's schema for each topic (a valid Avro record of the wrong kind).
 OTHER = {"monitored-pvs": "pv-state", "alarms": "shelved-alarms", "shelved-alarms": "alarms",
-         "alarm-activations": "pv-state", "pv-state": "alarms"}
+         "alarm-activations": "pv-state", "pv-state": "alarms", "alarm-acks": "alarms",
+         "disabled-alarms": "alarm-locations", "alarm-locations": "pv-state"}
 
 PYTHONISH = [
     "__import__('os').system('id')", "__import__(\"os\")", "lambda: 1", "(lambda x: x)(1)",
@@ -119,17 +126,36 @@ def _content(topic: str) -> list[st.SearchStrategy]:
                       st.sampled_from(["location", "category", "description", "docUrl", "edmPath"]),
                       st.one_of(surrogate, st.just("x" * (records.MAX_TEXT + 1)))),
         ]
+    absurd_times = st.one_of(st.integers(-(2**63), records.MIN_TIME_MS - 1),
+                             st.integers(records.MAX_TIME_MS + 1, 2**63 - 1))
     if topic == "shelved-alarms":
         absurd = st.one_of(st.integers(-(2**63), records.MIN_TIME_MS - 1),
                            st.integers(records.MAX_TIME_MS + 1, 2**63 - 1),
                            st.sampled_from([0, -1, 1_700_000_000, 2**63 - 1, -(2**63)]))
         return [
             st.builds(lambda e: {**v, "expiration": e}, absurd),
-            st.builds(lambda e: {**v, "duration": {"expiration": e}}, absurd),
+            st.builds(lambda e: {**v, "expiration": None, "duration": {"expiration": e}}, absurd),
+            st.builds(lambda e: {**v, "expiration": e}, st.integers(NOW_MS + SETTINGS.max_shelve_s * 1000 + 1,
+                                                                   records.MAX_TIME_MS)),
+            st.just({**v, "expiration": None}),  # indefinite, while a maximum is set
+            st.builds(lambda r: {**v, "reason": r}, st.sampled_from(["Broken", "stale!", "x", "Chatter"])),
             st.builds(lambda u: {**v, "user": u}, st.sampled_from(["", " ", "\t\n"])),
             st.builds(lambda f, s: {**v, f: s}, st.sampled_from(["user", "reason", "comment"]),
                       st.one_of(surrogate, st.just("x" * (records.MAX_TEXT + 1)))),
         ]
+    if topic == "alarm-acks":
+        return [st.builds(lambda u: {**v, "user": u}, st.sampled_from(["", " ", "\t\n"])),
+                st.builds(lambda e: {**v, "time": e}, absurd_times),
+                st.builds(lambda f, s: {**v, f: s}, st.sampled_from(["user", "host", "comment"]),
+                          st.one_of(surrogate, st.just("x" * (records.MAX_COMMENT + 1))))]
+    if topic == "disabled-alarms":
+        return [st.builds(lambda u: {**v, "user": u}, st.sampled_from(["", " ", "\t\n"])),
+                st.builds(lambda e: {**v, "until": e}, st.one_of(absurd_times, st.integers(records.MIN_TIME_MS, NOW_MS))),
+                st.builds(lambda f, s: {**v, f: s}, st.sampled_from(["user", "host", "reason", "comment"]),
+                          st.one_of(surrogate, st.just("x" * (records.MAX_COMMENT + 1))))]
+    if topic == "alarm-locations":
+        return [st.builds(lambda s: {**v, "parent": s}, st.sampled_from(["", " ", "\t"])),
+                st.builds(lambda s: {**v, "description": s}, st.one_of(surrogate, st.just("x" * (records.MAX_TEXT + 1))))]
     if topic == "alarm-activations":
         return [st.builds(lambda s: {**v, "note": s}, st.one_of(surrogate, st.just("x" * (records.MAX_TEXT + 1)))),
                 st.builds(lambda p: {**v, "priority": p}, st.sampled_from(["P0", "p1_life", "", "HIGH"]))]
@@ -258,14 +284,14 @@ def bad_corpus(topic: str, codec, n: int = 200, seed: int = 5, settings: Setting
 # ---------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("topic", INPUT_TOPICS)
+@pytest.mark.parametrize("topic", INPUT_TOPICS + MANAGEMENT_INPUTS)
 def test_the_valid_base_records_are_valid(codec, topic):
     assert verdict(topic, b"k", codec.encode(topic, VALID[topic]), codec) is None
     assert verdict(topic, b"k", _dumps(VALID[topic]), codec) is None
     assert verdict(topic, b"k", None, codec) is None  # tombstone
 
 
-@pytest.mark.parametrize("topic", INPUT_TOPICS)
+@pytest.mark.parametrize("topic", INPUT_TOPICS + MANAGEMENT_INPUTS)
 def test_corpus_is_refused_with_reasons(codec, topic):
     corpus = bad_corpus(topic, codec, n=150, seed=11)
     assert len(corpus) >= 120, f"too many accidental valid draws: {len(corpus)}"
@@ -275,14 +301,14 @@ def test_corpus_is_refused_with_reasons(codec, topic):
         assert reason and "internal error" not in reason, (category, key, value[:80])
 
 
-@pytest.mark.parametrize("topic", INPUT_TOPICS)
+@pytest.mark.parametrize("topic", INPUT_TOPICS + MANAGEMENT_INPUTS)
 @hypothesis.settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.one_of(st.none(), st.binary(max_size=20)), value=st.one_of(st.none(), st.binary(max_size=200)))
 def test_arbitrary_bytes_never_escape(codec, topic, key, value):
     verdict(topic, key, value, codec)  # BadRecord or accepted; anything else fails the test
 
 
-@pytest.mark.parametrize("topic", INPUT_TOPICS)
+@pytest.mark.parametrize("topic", INPUT_TOPICS + MANAGEMENT_INPUTS)
 @hypothesis.settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(obj=st.dictionaries(st.text(max_size=12), json_values, max_size=6))
 def test_arbitrary_json_objects_never_escape(codec, topic, obj):
@@ -356,7 +382,8 @@ def test_rule_over_an_unknown_pv_is_accepted(codec):
 
 @pytest.mark.parametrize("exp", [0, -1, 1_700_000_000, records.MAX_TIME_MS + 1, 2**63 - 1, -(2**63)])
 def test_absurd_expirations_are_refused(codec, exp):
-    for datum in ({**VALID["shelved-alarms"], "expiration": exp}, {**VALID["shelved-alarms"], "duration": {"expiration": exp}}):
+    for datum in ({**VALID["shelved-alarms"], "expiration": exp},
+                  {**VALID["shelved-alarms"], "expiration": None, "duration": {"expiration": exp}}):
         assert "between 2000 and 3000" in verdict("shelved-alarms", b"a", codec.encode("shelved-alarms", datum), codec)
 
 

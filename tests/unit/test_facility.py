@@ -17,6 +17,9 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 EXAMPLE = str(DATA / "facility" / "example.yaml")
 BAD = str(DATA / "facility" / "bad.yaml")
 S = Settings()
+# The alarm-management fields of an alarm record, at their schema defaults.
+MGMT = {"latching": None, "delaySeconds": 0.0, "count": 0, "offDelaySeconds": 0.0, "filter": None,
+        "maskedBy": None, "guidance": None, "displays": []}
 
 
 def load(*paths):
@@ -38,7 +41,7 @@ def test_example_file_gives_records_with_defaults_in_their_order():
     assert alarms["Hall A temperature"] == {
         "producer": {"pv": "IOC1:TEMP"}, "location": "Hall A", "category": "Cooling",  # file default
         "docUrl": "", "edmPath": "", "priority": "P2_PROPERTY",  # Hall A's location default
-        "description": "Cooling water too warm: check the pump."}
+        "description": "Cooling water too warm: check the pump.", **MGMT}
     assert alarms["Low flow at high power"]["producer"] == {
         "expression": "`RF:POWER` > 5 and `CW:FLOW` < 40", "severity": "MINOR"}
     assert alarms["Low flow at high power"]["category"] == "RF"  # own value beats the file's default
@@ -246,7 +249,7 @@ def _random_state(seed: int, n: int = 300):
             "category": rng.choice(["Vacuum", "RF", "Vacuum", "Vacuum"]),
             "docUrl": rng.choice(["", "", "/docs/x", "12"]), "edmPath": "",
             "priority": rng.choice(["P1_LIFE", "P3_PRODUCTIVITY", "P3_PRODUCTIVITY"]),
-            "description": rng.choice(["", "  leading blanks", "null", "a: b", "multi\nline"])}
+            "description": rng.choice(["", "  leading blanks", "null", "a: b", "multi\nline"]), **MGMT}
     return {"monitored-pvs": mons, "alarms": alarms}
 
 
@@ -278,7 +281,7 @@ def test_export_factors_shared_values_and_implied_pvs():
 def test_export_without_implied_pv_says_so():
     state = {"monitored-pvs": {}, "alarms": {"A": {
         "producer": {"pv": "P"}, "location": "L", "category": "C", "docUrl": "", "edmPath": "",
-        "priority": "P3_PRODUCTIVITY", "description": ""}}}
+        "priority": "P3_PRODUCTIVITY", "description": "", **MGMT}}}
     doc, _ = export.document(state, fileformat.schemas(), S)
     assert doc["monitor-alarm-pvs"] is False
     desired, problems = fileformat.build([(doc, "x")], S)
@@ -311,20 +314,30 @@ def test_import_phoebus_nested_components_xinclude_and_report():
                      "ignored: duplicate PV (Phoebus keeps the first): 1 (/Accelerator/Injector/RF/Klystron/INJ:VAC:G1",
                      "not imported: disabled (imported as enabled)",
                      "not imported: enable date 2026-12-24T08:00:00",
-                     "not imported: delay", "not imported: count", "not imported: filter",
-                     "not imported: latching (the alarms schema has no field for it): 1 ",
-                     "not imported: annunciating", "displays beyond one screen"]:
+                     "not imported: annunciating"]:
         assert expected in text, expected
+    # The alarms schema has latching, delaySeconds, count and filter: carried into them.
+    assert "not imported: latching" not in text and "not imported: delay" not in text
+
+
+def test_import_phoebus_carries_settings_into_the_management_fields():
+    doc, report = phoebus.import_file(str(DATA / "phoebus" / "accelerator.xml"))
+    g1 = doc["sections"][0]["alarms"]["INJ:VAC:G1"]
+    # Phoebus' 'PV' quoting becomes the rule language's backquotes.
+    assert (g1["latching"], g1["delaySeconds"], g1["filter"]) == (True, 10, "`INJ:BEAM` > 0")
+    desired, problems = fileformat.build([(doc, "imported")], S)
+    assert problems == []
+    assert desired.records["alarms"]["INJ:VAC:G1"]["filter"] == "`INJ:BEAM` > 0"
 
 
 def test_import_phoebus_carries_settings_into_fields_the_schema_has():
     schema = json.loads(json.dumps(fileformat.schemas()["alarms"]))
-    schema["fields"] += [{"name": "latching", "type": "boolean", "default": False},
-                         {"name": "onDelay", "type": "long", "default": 0},
-                         {"name": "filter", "type": "string", "default": ""}]
+    # Another name for the on-delay: the importer finds it among its candidates.
+    schema["fields"] = [f for f in schema["fields"] if f["name"] != "delaySeconds"]
+    schema["fields"] += [{"name": "onDelay", "type": "long", "default": 0}]
     doc, report = phoebus.import_file(str(DATA / "phoebus" / "accelerator.xml"), schema)
     g1 = doc["sections"][0]["alarms"]["INJ:VAC:G1"]
-    assert (g1["latching"], g1["onDelay"], g1["filter"]) == (True, 10, "'INJ:BEAM' > 0")
+    assert (g1["latching"], g1["onDelay"], g1["filter"]) == (True, 10, "`INJ:BEAM` > 0")
     assert "not imported: latching" not in "\n".join(report.lines())
 
 
@@ -388,7 +401,7 @@ def test_import_jaws_alarms_actions_locations():
     a = desired.records["alarms"]
     assert a["inj_gauge1"] == {"producer": {"pv": "INJ:VAC:G1"}, "location": "INJ", "category": "Vacuum",
                                "docUrl": "", "edmPath": "/opr/inj/vacuum.edl", "priority": "P2_PROPERTY",
-                               "description": "Close the valves and call vacuum on call"}
+                               "description": "Close the valves and call vacuum on call", **MGMT}
     assert a["pss_trip"]["producer"] == {"source": "JAWS"} and a["pss_trip"]["priority"] == "P1_LIFE"
     assert a["nl_gauge1"]["location"] == "NL"
     assert a["old_style"]["producer"] == {"pv": "iocin1:heartbeat"} and a["old_style"]["category"] == "RF"
@@ -396,7 +409,7 @@ def test_import_jaws_alarms_actions_locations():
     assert desired.locations == {"CEBAF": None, "INJ": "CEBAF", "NL": "CEBAF", "SL": "CEBAF", "HallA": "CEBAF"}
     text = "\n".join(report.lines())
     for expected in ["CALCSource", "locations after the first (an alarm has one location): 1 (nl_gauge1: SL)",
-                     "not imported: maskedby", "not imported: rationale", "not imported: device",
+                     "not imported: rationale", "not imported: device",
                      "not imported: managedby", "action not in the files", "not a KEY=VALUE line: 1"]:
         assert expected in text, expected
 
