@@ -59,6 +59,16 @@ def parse_time_ms(text: str) -> int:
     return int(when.timestamp() * 1000)
 
 
+def login_user() -> str | None:
+    """Who runs the command: $USER, $LOGNAME or the account name (getpass)."""
+    import getpass
+
+    try:
+        return os.environ.get("USER") or getpass.getuser()
+    except Exception:  # no name for this uid (a bare container)
+        return None
+
+
 def format_ms(ms: int | None) -> str:
     if not ms:
         return "-"
@@ -89,6 +99,31 @@ def alarm_record(args) -> dict:
         "producer": producer, "location": args.location, "category": args.category,
         "docUrl": args.doc_url, "edmPath": args.edm_path, "priority": args.priority,
         "description": args.description,
+        **alarm_management(args),
+    }
+
+
+def _display(text: str) -> dict:
+    title, sep, url = text.partition("=")
+    if not sep or not title.strip() or not url.strip():
+        raise CLIError(f"bad --display {text!r}: use TITLE=URL")
+    return {"title": title.strip(), "url": url.strip()}
+
+
+def alarm_management(args) -> dict:
+    """The alarm-management fields of set-alarm (latching, delays, filter, mask, guidance)."""
+    guidance = None
+    if args.rationale or args.consequence or args.corrective_action or args.response_time:
+        guidance = {"rationale": args.rationale, "consequence": args.consequence,
+                    "correctiveAction": args.corrective_action,
+                    "responseTimeSeconds": parse_duration_ms(args.response_time) // 1000 if args.response_time else 0}
+    return {
+        "latching": args.latching,
+        "delaySeconds": parse_duration_ms(args.delay) / 1000 if args.delay else 0.0,
+        "count": args.count,
+        "offDelaySeconds": parse_duration_ms(args.off_delay) / 1000 if args.off_delay else 0.0,
+        "filter": args.filter, "maskedBy": args.masked_by, "guidance": guidance,
+        "displays": [_display(d) for d in args.display],
     }
 
 
@@ -104,8 +139,11 @@ def shelved_record(args, now_ms: int) -> dict:
         expiration = parse_time_ms(args.expiration)
         if expiration <= now_ms:
             raise CLIError(f"expiration {format_ms(expiration)} is in the past")
+    import socket
+
     return {"user": args.user, "reason": args.reason, "comment": args.comment,
-            "expiration": expiration, "oneshot": args.oneshot, "duration": None}
+            "expiration": expiration, "oneshot": args.oneshot, "duration": None,
+            "host": socket.gethostname()}
 
 
 def activation_record(args) -> dict:
@@ -127,6 +165,9 @@ LISTERS = {
     "list-active": "active-alarms",
     "list-pv-state": "pv-state",
     "list-dead-letters": "dead-letters",
+    "list-acks": "alarm-acks",
+    "list-disabled": "disabled-alarms",
+    "list-locations": "alarm-locations",
 }
 
 
@@ -161,11 +202,23 @@ def _row(topic: str, key: str, v: dict, now_ms: int) -> list[str]:
     if topic == "active-alarms":
         shelf = v.get("shelving") or {}
         extra = f"{shelf.get('kind', '')} by {shelf.get('user', '')}" if shelf else ""
-        return [key, v["state"], v["severity"], v["priority"], v["cause"], format_ms(v["since"]), v["message"], extra]
+        ack = v.get("ackState") or ""
+        if v.get("disabled"):
+            extra = f"disabled by {v['disabled']['user']}"
+        elif v.get("ack") and ack == "ACK":
+            extra = (extra + "; " if extra else "") + f"acked by {v['ack']['user']}"
+        return [key, v["state"], ack, v["severity"], v["priority"], v["cause"], format_ms(v["since"]),
+                v["message"], extra]
     if topic == "pv-state":
         return [key, v["connection"], str(v["value"]), v["severity"], v["status"], format_ms(v["iocTimestamp"])]
     if topic == "dead-letters":
         return [key, f"{v['sourceTopic']}[{v['partition']}]@{v['offset']}", v["reason"]]
+    if topic == "alarm-acks":
+        return [key, "unack" if v["unack"] else "ack", v["user"], v["host"], format_ms(v["time"]), v["comment"]]
+    if topic == "disabled-alarms":
+        return [key, v["user"], v["host"], format_ms(v["until"]) if v["until"] else "-", v["reason"], v["comment"]]
+    if topic == "alarm-locations":
+        return [key, v["parent"] or "-", v["description"]]
     return [key, json.dumps(v)]
 
 
@@ -174,9 +227,12 @@ HEADERS = {
     "alarms": ["ALARM", "PRIORITY", "LOCATION", "CATEGORY", "PRODUCER"],
     "shelved-alarms": ["ALARM", "USER", "ONESHOT", "UNTIL", "REASON", "COMMENT"],
     "alarm-activations": ["ALARM", "PRIORITY", "NOTE"],
-    "active-alarms": ["ALARM", "STATE", "SEVERITY", "PRIORITY", "CAUSE", "SINCE", "MESSAGE", "SHELVED"],
+    "active-alarms": ["ALARM", "STATE", "ACK", "SEVERITY", "PRIORITY", "CAUSE", "SINCE", "MESSAGE", "BY"],
     "pv-state": ["PV", "CONNECTION", "VALUE", "SEVERITY", "STATUS", "IOC TIME"],
     "dead-letters": ["KEY", "FROM", "REASON"],
+    "alarm-acks": ["ALARM", "ACTION", "USER", "HOST", "TIME", "COMMENT"],
+    "disabled-alarms": ["ALARM", "USER", "HOST", "UNTIL", "REASON", "COMMENT"],
+    "alarm-locations": ["LOCATION", "PARENT", "DESCRIPTION"],
 }
 
 
@@ -216,6 +272,8 @@ async def cmd_set(args, settings: Settings) -> int:
         datum = build(args, now_ms)
         records.validate(topic, args.name, datum, settings)
         codec = _codec(settings)
+        if topic == "alarms" and datum.get("maskedBy"):
+            await _refuse_mask_cycle(settings, codec, args.name, datum["maskedBy"])
         value = codec.encode(topic, datum)
     await produce(settings, settings.topic(topic), [(args.name.encode(), value)], headers=_who(args))
     what = "tombstone" if value is None else "record"
@@ -270,6 +328,17 @@ async def cmd_list(args, settings: Settings) -> int:
     if bad:
         print(f"warning: {bad} record(s) could not be read (see above)", file=sys.stderr)
     return 0
+
+
+async def _refuse_mask_cycle(settings: Settings, codec, name: str, parent: str) -> None:
+    from alarm_engine.facility.state import read
+    from alarm_engine.masking import mask_cycle
+
+    alarms = (await read(settings, codec, ["alarms"])).topics["alarms"]
+    parents = {k: (v or {}).get("maskedBy") for k, v in alarms.items() if k != name}
+    cycle = mask_cycle(parents, name, parent)
+    if cycle:
+        raise CLIError(f"refused: maskedBy would form a cycle: {' -> '.join(cycle)}")
 
 
 def _warn_split_keys(topic: str, partitions_of: dict, settings: Settings) -> None:
@@ -402,10 +471,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--doc-url", default="", help="documentation URL")
     sp.add_argument("--edm-path", default="", help="operator screen path")
     sp.add_argument("--description", default="", help="what is wrong and what to do")
+    sp.add_argument("--latching", action=argparse.BooleanOptionalAction, default=None,
+                    help="shown until acknowledged, at the highest severity since the last ack "
+                         "(default: ALARM_ENGINE_LATCHING)")
+    sp.add_argument("--delay", help="on-delay: shown only once the cause held this long (e.g. 10s)")
+    sp.add_argument("--count", type=int, default=0,
+                    help="with --delay: this many activations within the delay show it at once")
+    sp.add_argument("--off-delay", help="stays shown this long after the cause cleared (e.g. 30s)")
+    sp.add_argument("--filter", help="enabling filter in the rule language; SUPPRESSED while false")
+    sp.add_argument("--masked-by", help="parent alarm: MASKED while the parent is shown active")
+    sp.add_argument("--rationale", default="", help="guidance: why the alarm exists")
+    sp.add_argument("--consequence", default="", help="guidance: what happens without action")
+    sp.add_argument("--corrective-action", default="", help="guidance: what to do")
+    sp.add_argument("--response-time", help="guidance: how soon to act (e.g. 5m)")
+    sp.add_argument("--display", action="append", default=[], metavar="TITLE=URL",
+                    help="a related display or page (repeatable)")
 
     sp = setter("set-shelved", "Shelve an alarm (or unshelve with --unset).", "alarm name")
-    sp.add_argument("--user", default=os.environ.get("USER"), help="who shelves (default $USER)")
-    sp.add_argument("--reason", default="", help="why (e.g. Chattering, Maintenance)")
+    sp.add_argument("--user", default=login_user(), help="who shelves (default: the login name)")
+    sp.add_argument("--reason", default="", help="why: one of ALARM_ENGINE_SHELVE_REASONS (default Stale, "
+                    "Chattering, Fleeting, Maintenance, Nuisance, Other)")
     sp.add_argument("--comment", default="", help="free text")
     sp.add_argument("--duration", help="shelve for this long: 90s, 15m, 1h30m, 2d")
     sp.add_argument("--expiration", help="shelve until this time: ISO 8601 or epoch ms")
@@ -424,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
         "list-active": "Show the active alarms, as the engine computed them.",
         "list-pv-state": "Show the latest state of each monitored PV.",
         "list-dead-letters": "Show records the engine rejected, with the reason.",
+        "list-acks": "Show the latest acknowledgement (or unack) of each alarm.",
+        "list-disabled": "Show the disabled (out of service) alarms.",
+        "list-locations": "Show the tree of locations (alarm-locations).",
     }
     for name, text in list_help.items():
         sp = sub.add_parser(name, help=text, description=text + " Replays the compacted topic from the "
@@ -458,6 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
     from alarm_engine.window_cli import add_commands  # web, web-user, history, kpi
 
     add_commands(sub)
+
+    from alarm_engine.management_cli import add_commands as add_management_commands
+
+    add_management_commands(sub)  # ack, unack, disable, enable, set-location
     return p
 
 
@@ -487,6 +579,7 @@ def main(argv=None) -> int:
         "dump-schemas": cmd_dump_schemas, "register-schemas": cmd_register, "topics": cmd_topics,
         **_facility_handlers(),
         **_window_handlers(),
+        **_management_handlers(),
     }[args.command]
     try:
         return asyncio.run(handler(args, settings))
@@ -508,6 +601,12 @@ def _facility_handlers() -> dict:
     return HANDLERS
 
 
+def _management_handlers() -> dict:
+    from alarm_engine.management_cli import HANDLERS
+
+    return HANDLERS
+
+
 def _window_handlers() -> dict:
     from alarm_engine.window_cli import HANDLERS
 
@@ -518,7 +617,7 @@ def _who(args) -> list[tuple[str, bytes]]:
     """Kafka headers naming who wrote an operator record and from where (for alarm-history)."""
     import socket
 
-    user = getattr(args, "user", None) or os.environ.get("USER") or ""
+    user = getattr(args, "user", None) or login_user() or ""
     return [("user", user.encode()), ("host", socket.gethostname().encode()), ("client", b"alarm-engine cli")]
 
 
