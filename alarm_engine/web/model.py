@@ -62,11 +62,13 @@ class LiveState:
             return None
         d = self.definitions.get(name, {})
         shelf = a.get("shelving") or {}
+        ack, off = a.get("ack") or {}, a.get("disabled") or {}
+        by = shelf.get("user", "") or off.get("user", "") or (ack.get("user", "") if a.get("ackState") == "ACK" else "")
         return {
             **_jsonable(a), "name": name,
             "location": d.get("location", ""), "category": d.get("category", ""),
             "description": d.get("description", ""),
-            "by": shelf.get("user", "") if shelf else "",
+            "by": by,
         }
 
     def rows(self) -> list[dict]:

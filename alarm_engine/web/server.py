@@ -146,7 +146,7 @@ class WebApp:
     def snapshot(self) -> dict:
         return {"alarms": self.state.rows(), "locations": self.state.locations(),
                 "status": self.feed.status(), "kpi": self.kpi_now, "server": socket.gethostname(),
-                "readOnly": not self.auth.configured}
+                "readOnly": not self.auth.configured, "shelveReasons": list(self.settings.shelve_reasons)}
 
     async def _send(self, topic: str, key: str, datum: dict | None, headers: list) -> None:
         from aiokafka import AIOKafkaProducer
@@ -290,7 +290,8 @@ class WebApp:
         except CLIError as e:
             raise ApiError(400, str(e), "duration" if body.get("duration") else "expiration") from None
         datum = {"user": user, "reason": body.get("reason", ""), "comment": body.get("comment", ""),
-                 "expiration": expiration, "oneshot": body.get("oneshot", False), "duration": None}
+                 "expiration": expiration, "oneshot": body.get("oneshot", False), "duration": None,
+                 "host": self.client_host(request)}
         from alarm_engine import records
         from alarm_engine.codec import BadRecord
 
@@ -308,6 +309,31 @@ class WebApp:
             raise ApiError(404, f"no alarm {name!r}", "name")
         await self._send("shelved-alarms", name, None, self._headers(request, user))
         return _json({"alarm": name, "shelved": False, "user": user}, 202)
+
+    async def ack(self, request):
+        """POST /api/v1/alarms/{name}/ack (and /unack): body {"comment": "..."} optional."""
+        user = self.need_write(request)
+        name = request.match_info["name"]
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            raise ApiError(400, "the body is not valid JSON", "body") from None
+        if not isinstance(body, dict) or set(body) - {"comment"} or not isinstance(body.get("comment", ""), str):
+            raise ApiError(400, 'the body must be {} or {"comment": "..."}', "body")
+        if name not in self.state.definitions:
+            raise ApiError(404, f"no alarm {name!r}", "name")
+        unack = request.path.endswith("/unack")
+        datum = {"user": user, "host": self.client_host(request), "comment": body.get("comment", ""),
+                 "time": int(time.time() * 1000), "unack": unack}
+        from alarm_engine import records
+        from alarm_engine.codec import BadRecord
+
+        try:
+            records.validate("alarm-acks", name, datum, self.settings)
+        except BadRecord as e:
+            raise ApiError(400, str(e), "comment") from None
+        await self._send("alarm-acks", name, datum, self._headers(request, user))
+        return _json({"alarm": name, "acknowledged": not unack, "user": user}, 202)
 
     def _headers(self, request, user: str) -> list:
         return [("user", user.encode()), ("host", self.client_host(request).encode()),
@@ -399,6 +425,8 @@ def make_app(settings: Settings, auth: Auth | None = None, cfg: kpi.KpiConfig = 
     r.add_get("/api/v1/alarms/{name}/history", w.alarm_history)
     r.add_post("/api/v1/alarms/{name}/shelve", w.shelve)
     r.add_post("/api/v1/alarms/{name}/unshelve", w.unshelve)
+    r.add_post("/api/v1/alarms/{name}/ack", w.ack)
+    r.add_post("/api/v1/alarms/{name}/unack", w.ack)
     r.add_get("/api/v1/history", w.history_all)
     r.add_get("/api/v1/kpi", w.kpis)
     r.add_get("/api/v1/events", w.events)

@@ -141,10 +141,15 @@ def test_page_shows_filters_shelves_and_clears(rig, capsys):
     status, body = web.request("POST", "/api/v1/alarms/web%20pv/shelve", {"duration": "1h"})
     assert status == 401 and body["field"] == "Authorization"
 
-    # With the password: shelved, and the CLI shows the shelving.
+    # With the password: acknowledged from the page (the row loses its UNACK mark), then shelved.
     page.fill("#act-password", PASSWORD)
+    assert "UNACK" in page.inner_text(_row("web pv"))
+    page.click("#ack-btn")
+    page.wait_for_function("document.querySelector('#act-result').textContent.includes('acknowledged by op')")
+    rig.view.wait_for(lambda st: st.get("web pv", {}).get("ackState") == "ACK", what="acknowledged by the page")
+    page.wait_for_selector(f'{_row("web pv")}:not(.unack)', timeout=30_000)
     page.select_option("#act-duration", "1h")
-    page.fill("#act-reason", "Maintenance")
+    page.select_option("#act-reason", "Maintenance")
     page.click("#shelve-btn")
     page.wait_for_selector("#act-result.ok")
     rig.view.wait_for(lambda st: st.get("web pv", {}).get("state") == "SHELVED", what="shelved by the page")
@@ -206,6 +211,9 @@ def test_api_errors(rig):
         ("POST", "/api/v1/alarms/api%20ext/shelve", b"{not json", auth, 400, "body"),
         ("POST", "/api/v1/alarms/api%20ext/shelve", [1, 2], auth, 400, "body"),
         ("POST", "/api/v1/alarms/api%20ext/shelve", {}, {"user": "op", "password": "nope"}, 401, "Authorization"),
+        ("POST", "/api/v1/alarms/api%20ext/ack", {"comment": 3}, auth, 400, "body"),
+        ("POST", "/api/v1/alarms/no%20such/ack", {}, auth, 404, "name"),
+        ("POST", "/api/v1/alarms/api%20ext/ack", {}, {}, 401, "Authorization"),
         ("GET", "/api/v1/history?since=forever", None, {}, 400, "since"),
         ("GET", "/api/v1/nothing", None, {}, 404, "path"),
     ]
@@ -222,6 +230,13 @@ def test_api_errors(rig):
         assert body["error"]
     status, spec = web.request("GET", "/api/v1/openapi.json")
     assert status == 200 and "/api/v1/alarms/{name}/shelve" in spec["paths"]
+    # Acknowledge and withdraw it through the API: the operator and comment on active-alarms.
+    rig.view.wait_for(lambda st: st.get("api ext", {}).get("ackState") == "UNACK")
+    assert web.request("POST", "/api/v1/alarms/api%20ext/ack", {"comment": "on it"}, **auth)[0] == 202
+    rig.view.wait_for(lambda st: st.get("api ext", {}).get("ackState") == "ACK")
+    assert rig.view.state["api ext"]["ack"]["user"] == "op" and rig.view.state["api ext"]["ack"]["comment"] == "on it"
+    assert web.request("POST", "/api/v1/alarms/api%20ext/unack", None, **auth)[0] == 202
+    rig.view.wait_for(lambda st: st.get("api ext", {}).get("ackState") == "UNACK")
     # Unshelve through the API: a tombstone, and the user in alarm-history.
     assert web.request("POST", "/api/v1/alarms/api%20ext/shelve", {"oneshot": True}, **auth)[0] == 202
     rig.view.wait_for(lambda st: st.get("api ext", {}).get("state") == "SHELVED")

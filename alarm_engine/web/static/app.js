@@ -118,11 +118,12 @@ function renderRows() {
   let html = "";
   for (let i = first; i < last; i++) {
     const r = S.sorted[i];
-    const known = r.state === "ACTIVE" || r.state === "SHELVED";
-    html += `<tr class="alarm sev-${esc(r.severity)} state-${esc(r.state)}${r.name === S.selected ? " sel" : ""}" data-name="${esc(r.name)}">`
+    const known = r.state === "ACTIVE" || r.state === "SHELVED" || r.state === "DISABLED";
+    const ack = r.ackState === "UNACK" ? " unack" : r.ackState === "RTN_UNACK" ? " rtn-unack" : "";
+    html += `<tr class="alarm sev-${esc(r.severity)} state-${esc(r.state)}${ack}${r.name === S.selected ? " sel" : ""}" data-name="${esc(r.name)}">`
       + `<td><span class="pri ${esc(r.priority)}" title="${esc(r.priority)}">${esc(PRI_LABEL[r.priority] || r.priority)}</span></td>`
       + `<td><span class="sev ${esc(r.severity)}">${esc(r.severity)}</span></td>`
-      + `<td><span class="state ${known ? esc(r.state) : "other"}">${esc(r.state)}</span></td>`
+      + `<td><span class="state ${known ? esc(r.state) : "other"}">${esc(r.state)}</span>${r.ackState && r.ackState !== "ACK" ? ` <span class="ack" title="not acknowledged">${r.ackState === "RTN_UNACK" ? "RTN UNACK" : "UNACK"}</span>` : ""}</td>`
       + `<td title="${esc(r.name)}">${esc(r.name)}</td>`
       + `<td title="${esc(r.location)}">${esc(r.location)}</td>`
       + `<td title="${fmtTime(r.since)}">${fmtSince(r.since)}</td>`
@@ -154,7 +155,7 @@ function renderFilters() {
   fillSelect("f-location", "location", Object.keys(S.locations), null);
   fillSelect("f-category", "category", cats, null);
   fillSelect("f-priority", "priority", Object.keys(PRI), (v) => PRI_LABEL[v] || v);
-  fillSelect("f-state", "state", ["ACTIVE", "SHELVED"], null);
+  fillSelect("f-state", "state", ["ACTIVE", "SHELVED", "DISABLED", "SUPPRESSED", "MASKED"], null);
 }
 
 function renderCounts() {
@@ -259,7 +260,9 @@ async function showDetail(name) {
   if (S.selected !== name) return;
   const a = d.active;
   $("d-shown").innerHTML = a
-    ? `<span class="sev ${esc(a.severity)}">${esc(a.severity)}</span> <span class="state">${esc(a.state)}</span> since ${fmtTime(a.since)}: ${esc(a.message)}`
+    ? `<span class="sev ${esc(a.severity)}">${esc(a.severity)}</span> <span class="state">${esc(a.state)}</span>${a.ackState ? " " + esc(a.ackState) : ""} since ${fmtTime(a.since)}: ${esc(a.message)}`
+      + (a.ack && a.ackState === "ACK" ? `<br>acknowledged by ${esc(a.ack.user)} ${fmtTime(a.ack.time)}${a.ack.comment ? ": " + esc(a.ack.comment) : ""}` : "")
+      + (a.disabled ? `<br>disabled by ${esc(a.disabled.user)}${a.disabled.reason ? ": " + esc(a.disabled.reason) : ""}${a.disabled.until ? " until " + fmtTime(a.disabled.until) : ""}` : "")
       + (a.shelving ? `<br>shelved (${esc(a.shelving.kind)}) by ${esc(a.shelving.user)}${a.shelving.reason ? ": " + esc(a.shelving.reason) : ""}${a.shelving.expiration ? " until " + fmtTime(a.shelving.expiration) : ""}` : "")
     : "not active (normal)";
   const def = d.definition;
@@ -287,7 +290,7 @@ async function act(kind) {
   try {
     const resp = await fetch(`/api/v1/alarms/${encodeURIComponent(name)}/${kind}`, { method: "POST", headers, body: JSON.stringify(body) });
     const d = await resp.json();
-    if (resp.ok) { out.className = "ok"; out.textContent = `${kind === "shelve" ? "shelved" : "unshelved"} by ${d.user}`; }
+    if (resp.ok) { out.className = "ok"; out.textContent = `${{ shelve: "shelved", unshelve: "unshelved", ack: "acknowledged", unack: "unacknowledged" }[kind]} by ${d.user}`; }
     else { out.className = "err"; out.textContent = `refused (${resp.status}): ${d.error}`; }
   } catch (e) { out.className = "err"; out.textContent = "cannot reach the web server"; }
 }
@@ -303,6 +306,7 @@ function connect() {
     for (const r of d.alarms) dirty.add(r.name);
     S.locations = d.locations; S.status = d.status; S.kpi = d.kpi; S.readOnly = d.readOnly;
     S.snapshotLoaded = true;
+    if (d.shelveReasons) $("act-reason").innerHTML = d.shelveReasons.map((r) => `<option>${esc(r)}</option>`).join("");
     $("server").textContent = `web server ${d.server}` + (d.readOnly ? " \u00b7 read-only" : "");
     needSort = true; renderKpi(); schedule();
   });
@@ -335,5 +339,6 @@ $("tree").addEventListener("click", (e) => { const n = e.target.closest(".node")
 $("counts").addEventListener("click", (e) => { const c = e.target.closest(".chip[data-state]"); if (c) setFilter("state", c.dataset.state); });
 $("shelve-btn").addEventListener("click", () => act("shelve"));
 $("unshelve-btn").addEventListener("click", () => act("unshelve"));
+$("ack-btn").addEventListener("click", () => act("ack"));
 setInterval(renderBanner, 2000);
 connect();
