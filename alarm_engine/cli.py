@@ -168,6 +168,7 @@ LISTERS = {
     "list-acks": "alarm-acks",
     "list-disabled": "disabled-alarms",
     "list-locations": "alarm-locations",
+    "list-summaries": "alarm-summaries",
 }
 
 
@@ -219,6 +220,9 @@ def _row(topic: str, key: str, v: dict, now_ms: int) -> list[str]:
         return [key, v["user"], v["host"], format_ms(v["until"]) if v["until"] else "-", v["reason"], v["comment"]]
     if topic == "alarm-locations":
         return [key, v["parent"] or "-", v["description"]]
+    if topic == "alarm-summaries":
+        states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(v["states"].items()) if n)
+        return [key, v["level"], str(v["alarms"]), str(v["unacknowledged"]), str(v["defined"]), states]
     return [key, json.dumps(v)]
 
 
@@ -233,6 +237,7 @@ HEADERS = {
     "alarm-acks": ["ALARM", "ACTION", "USER", "HOST", "TIME", "COMMENT"],
     "disabled-alarms": ["ALARM", "USER", "HOST", "UNTIL", "REASON", "COMMENT"],
     "alarm-locations": ["LOCATION", "PARENT", "DESCRIPTION"],
+    "alarm-summaries": ["LOCATION", "LEVEL", "SHOWN", "UNACK", "DEFINED", "STATES"],
 }
 
 
@@ -512,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
         "list-acks": "Show the latest acknowledgement (or unack) of each alarm.",
         "list-disabled": "Show the disabled (out of service) alarms.",
         "list-locations": "Show the tree of locations (alarm-locations).",
+        "list-summaries": "Show each location's summary: the highest level at or below it, counts.",
     }
     for name, text in list_help.items():
         sp = sub.add_parser(name, help=text, description=text + " Replays the compacted topic from the "

@@ -36,6 +36,7 @@ VALUE_SCHEMAS = {
     "alarm-acks": "alarm-acks-value",
     "disabled-alarms": "disabled-alarms-value",
     "alarm-locations": "alarm-locations-value",
+    SUMMARY_TOPIC: "alarm-summaries-value",
 }
 
 SHELVE_REASONS = ("Stale", "Chattering", "Fleeting", "Maintenance", "Nuisance", "Other")

@@ -9,6 +9,7 @@ Data flow (each arrow a topic; tables in brackets; the module that does it):
       --> alarm_agent [alarm-state] --> active-alarms (rule, external alarms)
                                     --> alarm-deps (to the PVs' homes)        alarms.py
   active-alarms, operator topics --> history writer --> alarm-history         history_writer.py
+  alarms, active-alarms, locations --> summary writer --> alarm-summaries   summary_writer.py
 
 Every topic has the same partition count so that Faust assigns the same partition
 numbers of the PV-keyed topics (and of the alarm-keyed topics) to the same worker.
@@ -24,10 +25,11 @@ has the picture and the correctness argument.
 import os
 import socket
 
-from alarm_engine.worker import alarms, bridge, history_writer, hotpath, service  # noqa: F401  (agents, tasks, timers)
+from alarm_engine.worker import alarms, bridge, history_writer, hotpath, service, summary_writer  # noqa: F401
 from alarm_engine.worker.app import APP_ID, LOGICAL, OUT, app, settings
 
 history_writer.install(app, settings)  # alarm-history, with its own clients
+summary_writer.install(app, settings)  # alarm-summaries, one writer per fleet
 # The worker as a service: heartbeat, /healthz and /metrics, crash watch, quiet logs.
 heartbeat = service.install(
     app, settings, LOGICAL, {settings.topic(t): t for t in OUT}, bridge.bridge,
