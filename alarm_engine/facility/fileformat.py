@@ -234,6 +234,7 @@ class _Builder:
             for body, prefix, sec_defaults, monitor in groups:
                 self.alarms(body, prefix, file, sec_defaults, top_defaults, monitor, monitor_pvs)
         self.add_implied()
+        self.check_masks()
         for (topic, name), origin in list(self.origins.items()):
             if topic == "alarms":
                 pv = self.records["alarms"][name]["producer"].get("pv")
@@ -245,6 +246,16 @@ class _Builder:
                 if loc and loc not in self.locations:
                     self.problem(file, line, _label("alarms", alarm, "location"),
                                  f"{loc!r} is not one of the file's locations")
+
+    def check_masks(self) -> None:
+        """A cycle of maskedBy parents among the file's alarms: each cycle once, at its first alarm."""
+        from alarm_engine.masking import cycles
+
+        parents = {n: d.get("maskedBy") for n, d in self.records["alarms"].items()}
+        for cycle in cycles(parents):
+            file, _, line = self.origins[("alarms", cycle[0])].rpartition(":")
+            self.problem(file, int(line), _label("alarms", cycle[0], "maskedBy"),
+                         f"maskedBy cycle: {' → '.join(cycle)}")
 
     def check_locations(self) -> None:
         parents: dict[str, str | None] = {}

@@ -451,3 +451,14 @@ def test_records_carry_user_and_host_where_the_schema_has_them():
     assert apply.with_meta({"a": 1}, {"a"}, "op", "h") == {"a": 1}
     assert apply.with_meta({"a": 1}, {"a", "user", "host"}, "op", "h") == {"a": 1, "user": "op", "host": "h"}
     assert apply.with_meta({"a": 1, "user": "given"}, {"a", "user"}, "op", "h") == {"a": 1, "user": "given"}
+
+
+def test_a_cycle_of_masks_is_refused_once_at_its_first_alarm(tmp_path):
+    f = write(tmp_path, "f.yaml", "defaults: {category: C, location: L}\nalarms:\n"
+                                  "  B: {pv: 'X:2', maskedBy: C}\n"
+                                  "  A: {pv: 'X:1', maskedBy: B}\n"
+                                  "  C: {pv: 'X:3', maskedBy: A}\n"
+                                  "  D: {pv: 'X:4', maskedBy: A}\n")
+    _, problems = load(f)
+    assert [(p.line, p.field, p.reason) for p in problems] == [
+        (4, "alarms[A].maskedBy", "maskedBy cycle: A → B → C → A")]
