@@ -92,7 +92,8 @@ def test_page_shows_filters_shelves_and_clears(rig, capsys):
     caput(pv, NORMAL)
     rig.cli("set-monitored", pv)
     rig.cli("set-alarm", "web pv", "--pv", pv, "--location", "Hall W/Bay 1", "--category", "Cooling",
-            "--priority", "P2_PROPERTY", "--description", "Close the valve")
+            "--priority", "P2_PROPERTY", "--description", "Close the valve",
+            "--rationale", "Protects the magnet coils", "--display", "Cooling overview=https://ops.example/cooling")
     rig.cli("set-alarm", "web ext", "--external", "--location", "Hall W/Bay 2", "--category", "Safety")
     rig.worker()
     web = rig.web()
@@ -131,6 +132,8 @@ def test_page_shows_filters_shelves_and_clears(rig, capsys):
     # Shelving without credentials is refused, on the page and through the API.
     page.click(_row("web pv"))
     page.wait_for_selector("#d-def dd:has-text('Close the valve')")
+    assert "Protects the magnet coils" in page.inner_text("#d-def")
+    assert page.get_attribute("#d-def a:has-text('Cooling overview')", "href") == "https://ops.example/cooling"
     page.click("#shelve-btn")
     page.wait_for_selector("#act-result.err")
     assert "401" in page.inner_text("#act-result")

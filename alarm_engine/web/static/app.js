@@ -268,7 +268,15 @@ async function showDetail(name) {
   const def = d.definition;
   const rows = def ? [["producer", def.producerText], ["priority", def.priority], ["location", def.location], ["category", def.category],
     ["guidance", def.description], ["display", def.edmPath], ["documentation", def.docUrl ? `<a href="${esc(def.docUrl)}" target="_blank" rel="noopener">${esc(def.docUrl)}</a>` : ""]] : [["definition", "none"]];
-  $("d-def").innerHTML = rows.filter((r) => r[1]).map(([k, v]) => `<dt>${k}</dt><dd>${k === "documentation" ? v : esc(v)}</dd>`).join("")
+  const g = (def && def.guidance) || {};
+  if (def) rows.push(["rationale", g.rationale], ["consequence", g.consequence], ["corrective action", g.correctiveAction],
+    ["respond within", g.responseTimeSeconds ? `${g.responseTimeSeconds} s` : ""],
+    ["latching", def.latching ? "yes" : ""], ["on-delay", def.delaySeconds ? `${def.delaySeconds} s` + (def.count ? ` (or ${def.count} times)` : "") : ""],
+    ["off-delay", def.offDelaySeconds ? `${def.offDelaySeconds} s` : ""], ["filter", def.filter], ["masked by", def.maskedBy]);
+  // Display links were checked by the engine's records (http(s) or relative paths): shown as links, never run.
+  const links = ((def && def.displays) || []).map((x) => `<a href="${esc(x.url)}" target="_blank" rel="noopener">${esc(x.title)}</a>`).join(" \u00b7 ");
+  if (links) rows.push(["displays", links]);
+  $("d-def").innerHTML = rows.filter((r) => r[1]).map(([k, v]) => `<dt>${k}</dt><dd>${k === "documentation" || k === "displays" ? v : esc(v)}</dd>`).join("")
     + (d.shelving ? `<dt>shelving</dt><dd>${esc(d.shelving.user)}${d.shelving.reason ? ": " + esc(d.shelving.reason) : ""}${d.shelving.oneshot ? " (one-shot)" : ""}${d.shelving.expiration ? " until " + fmtTime(d.shelving.expiration) : ""}</dd>` : "");
   $("d-history").innerHTML = d.history.slice().reverse().map((e) => `<li><time>${fmtTime(e.time)}</time>${esc(e.text)}</li>`).join("") || "<li>no history in the last 24 h</li>";
 }
