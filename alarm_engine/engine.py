@@ -345,6 +345,10 @@ class AlarmProcessor:
         event = self.event_for(topic, key, value, ts_ms)
         raw = self.table.get(key)
         old = state_from_json(raw)
+        if isinstance(event, AckSet) and event.ack is not None and old.definition is None:
+            # An operator acknowledged something the engine does not know (a typo, a removed
+            # alarm): said in dead-letters, not kept silently for a later alarm of that name.
+            raise BadRecord(f"ack {key!r}: no alarm of that name is defined")
         releasing = raw.get("releasing") if raw else None
         move = raw.get("move", 0) if raw else 0
         old_children = list(raw.get("children", ())) if raw else []

@@ -170,3 +170,12 @@ def test_management_state_round_trips_through_the_tables(h):
     j = json.loads(json.dumps(state_to_json(st)))
     assert state_from_json(j) == st
     assert st.definition.displays == (("Overview", "https://example.org/overview"),)
+
+
+def test_an_ack_of_an_unknown_alarm_is_refused_with_its_reason(h):
+    from alarm_engine.codec import BadRecord
+
+    with pytest.raises(BadRecord, match="ack 'nobody': no alarm of that name is defined"):
+        ack(h, "nobody", T0)
+    assert h.alarms.table.get("nobody") is None  # nothing kept for a later alarm of that name
+    send(h, "alarm-acks", "nobody", None, T0)  # a tombstone of it is harmless
