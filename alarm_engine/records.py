@@ -178,9 +178,14 @@ def _management(name: str, datum: dict, settings: Settings) -> dict:
     return out
 
 
+UNKNOWN_USER = "unknown"
+
+
 def _user(what: str, user: str) -> str:
+    """Who wrote an operator record; absent or empty (a JSON producer that did not say) is
+    kept, and shown, as "unknown"."""
     if not user.strip():
-        raise BadRecord(f"{what}: user must not be empty")
+        return UNKNOWN_USER
     return _text(f"{what}: user", user, MAX_SHORT)
 
 
@@ -213,7 +218,7 @@ def shelving(name: str, datum: dict, set_ms: int, settings: Settings | None = No
             reason = "Other"
             comment = legacy["reason"] + (f"; {comment}" if comment else "")
     _expiry(f"{what}: expiration", expiration)
-    _user(what, datum["user"])
+    user = _user(what, datum["user"])
     host = _text(f"{what}: host", datum.get("host", ""), MAX_SHORT)
     _text(f"{what}: comment", comment)
     _text(f"{what}: reason", reason, MAX_SHORT)
@@ -229,15 +234,15 @@ def shelving(name: str, datum: dict, set_ms: int, settings: Settings | None = No
         if expiration - set_ms > limit * 1000:
             raise BadRecord(f"{what}: expiration {(expiration - set_ms) / 1000:.0f} s after the record's "
                             f"time, more than the limit of {limit} s (ALARM_ENGINE_MAX_SHELVE_S)")
-    return Shelving(user=datum["user"], reason=reason, comment=comment, expiration_ms=expiration,
+    return Shelving(user=user, reason=reason, comment=comment, expiration_ms=expiration,
                     oneshot=datum["oneshot"], set_ms=set_ms, host=host)
 
 
 def ack(name: str, datum: dict) -> Ack:
     what = f"ack {name!r}"
-    _user(what, datum["user"])
+    user = _user(what, datum["user"])
     _expiry(f"{what}: time", datum["time"])
-    return Ack(user=datum["user"], host=_text(f"{what}: host", datum.get("host", ""), MAX_SHORT),
+    return Ack(user=user, host=_text(f"{what}: host", datum.get("host", ""), MAX_SHORT),
                comment=_text(f"{what}: comment", datum.get("comment", ""), MAX_COMMENT),
                ack_ms=datum["time"], unack=bool(datum.get("unack", False)))
 
@@ -245,12 +250,12 @@ def ack(name: str, datum: dict) -> Ack:
 def disable(name: str, datum: dict, set_ms: int) -> Disable:
     """set_ms: the record's time; an `until` at or before it was in the past when written."""
     what = f"disabling {name!r}"
-    _user(what, datum["user"])
+    user = _user(what, datum["user"])
     until = _expiry(f"{what}: until", datum.get("until"))
     if until is not None and set_ms and until <= set_ms:
         raise BadRecord(f"{what}: until {until} is not after the record's time {set_ms} "
                         f"(a disabling that ended before it began)")
-    return Disable(user=datum["user"], host=_text(f"{what}: host", datum.get("host", ""), MAX_SHORT),
+    return Disable(user=user, host=_text(f"{what}: host", datum.get("host", ""), MAX_SHORT),
                    reason=_text(f"{what}: reason", datum.get("reason", ""), MAX_SHORT),
                    comment=_text(f"{what}: comment", datum.get("comment", ""), MAX_COMMENT),
                    until_ms=until, set_ms=set_ms)

@@ -104,3 +104,11 @@ def test_a_shelving_longer_than_the_maximum_is_refused():
         records.shelving("a", {**ok, "expiration": None}, now, s)
     with pytest.raises(BadRecord, match="is not one of"):
         records.shelving("a", {**ok, "reason": "because"}, now, s)
+
+
+def test_an_operator_record_without_user_is_kept_as_unknown(codec):
+    now = 1_800_000_000_000
+    datum = codec.decode("alarm-acks", b'{"time": %d}' % now)  # a JSON producer that gave no user
+    assert records.ack("a", datum).user == "unknown"
+    datum = codec.decode("disabled-alarms", b'{"user": " ", "reason": "broken"}')
+    assert records.disable("a", datum, now).user == "unknown"
