@@ -416,8 +416,10 @@ def _ack_machine(state: AlarmState, defn: AlarmDef, cond: tuple | None, ack: Ack
     if ack is not None:
         if ack.unack:
             if st == ACK:
-                st, latched, acked, in_force = UNACK, cond, None, None
-                unack_since = ack.ack_ms
+                # The latch keeps what was acknowledged (the highest since the last ack), and
+                # only an ack given at or after both the condition's start and this unack counts.
+                st, acked, in_force = UNACK, None, None
+                unack_since = ack.ack_ms if unack_since is None else max(unack_since, ack.ack_ms)
         elif st in (UNACK, RTN_UNACK) and ack.ack_ms >= unack_since:
             if st == RTN_UNACK:
                 st, latched, acked, in_force, unack_since = None, None, None, None, None
@@ -582,8 +584,8 @@ def step(state: AlarmState, event: Event, now_ms: int) -> AlarmState:
     """Apply one event at time now_ms (non-decreasing across calls)."""
     new = _apply(state, event, now_ms)
     if type(event) is AckSet:
-        if new is state:
-            return state  # a duplicate (or None) changes nothing
+        if new is state:  # a duplicate (or None): no ack, but time counts as for any event
+            return _settle(state, now_ms, fresh=False)
         return _settle(new, now_ms, new.ack)
     return _settle(new, now_ms, fresh=new is not state)
 

@@ -127,6 +127,23 @@ def test_a9_unack_moves_ack_to_unack_and_nothing_else():
     assert s.shown == before.shown
 
 
+def test_a9_unack_of_a_latching_alarm_keeps_the_acknowledged_latch():
+    s = run(defn(latching=True), (1, MAJOR), (2, ack(2)), (3, MINOR))
+    assert view(s) == ("ACTIVE", "ACK", MAJOR)
+    s = step(s, ack(4, unack=True), T0 + 4)
+    assert view(s) == ("ACTIVE", "UNACK", MAJOR)  # the highest since the last ack, not the current MINOR
+
+
+def test_a9_after_a_stale_unack_an_ack_before_the_condition_still_acknowledges_nothing():
+    s = run(defn(), (1, MAJOR), (2, ack(2)))
+    s = step(s, AckSet(Ack("op", ack_ms=50, unack=True)), T0 + 3)  # stale, still applied (A9)
+    assert view(s) == ("ACTIVE", "UNACK", MAJOR)
+    s = step(s, AckSet(Ack("op", ack_ms=60)), T0 + 4)  # given before the condition began at T0 + 1
+    assert view(s) == ("ACTIVE", "UNACK", MAJOR)
+    s = step(s, ack(5), T0 + 5)
+    assert view(s) == ("ACTIVE", "ACK", MAJOR)
+
+
 def test_stale_ack_acknowledges_nothing_but_is_remembered():
     s = run(defn(), (0, MAJOR), (1, OK), (5, MAJOR))
     old = Ack("op", ack_ms=T0 + 2)  # given before the current activation began
@@ -138,8 +155,12 @@ def test_stale_ack_acknowledges_nothing_but_is_remembered():
 def test_duplicate_ack_and_none_change_nothing():
     s = run(defn(), (0, MAJOR), (1, ack(1)))
     s = step(s, ack(2, unack=True), T0 + 2)
-    assert step(s, ack(2, unack=True), T0 + 3) is s
-    assert step(s, AckSet(None), T0 + 3) is s
+    assert step(s, ack(2, unack=True), T0 + 3) == s
+    assert step(s, AckSet(None), T0 + 3) == s
+    # ... but time counts: a disable that ended meanwhile has ended.
+    d = step(s, DisableSet(Disable("op", until_ms=T0 + 5, set_ms=T0 + 3)), T0 + 3)
+    assert view(d)[0] == "DISABLED"
+    assert view(step(d, ack(2, unack=True), T0 + 6)) == ("ACTIVE", "UNACK", MAJOR)
 
 
 def test_ack_of_normal_alarm_changes_nothing_shown():
