@@ -63,7 +63,7 @@ async def cmd_check(args, settings) -> int:
         return 1
     for w in desired.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    counts = ", ".join(f"{len(v):,} {t}" for t, v in desired.records.items())
+    counts = ", ".join(f"{len(v):,} {t}" for t, v in desired.records.items() if t != fileformat.LOCATIONS)
     print(f"ok: {counts}; {len(desired.locations):,} locations")
     return 0
 
@@ -96,7 +96,7 @@ def _finish_import(doc: dict, report, output: str | None, settings, what: str) -
     desired, problems = fileformat.build([(doc, "(imported)")], settings)
     _write(export.to_yaml(doc), output)
     err = sys.stderr
-    counts = ", ".join(f"{len(v):,} {t}" for t, v in desired.records.items())
+    counts = ", ".join(f"{len(v):,} {t}" for t, v in desired.records.items() if t != fileformat.LOCATIONS)
     err.write(f"{what}: {counts}; {len(desired.locations):,} locations\n")
     lines = report.lines()
     if lines:

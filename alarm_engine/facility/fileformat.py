@@ -52,7 +52,7 @@ LOCATIONS = "alarm-locations"
 #: The configuration topics a file describes, in the order apply writes them.
 # The alarm-locations topic exists (config.MANAGEMENT_TOPICS), but files do not write it yet:
 # apply, diff and export of the location tree against the topic are still to come.
-CONFIG_TOPICS = ("monitored-pvs", "alarms")
+CONFIG_TOPICS = (LOCATIONS, "monitored-pvs", "alarms")
 #: Fields apply fills in from the environment when a schema has them; a diff ignores them.
 META_FIELDS = ("user", "host")
 

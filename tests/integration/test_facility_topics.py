@@ -20,7 +20,7 @@ from alarm_engine.registry import make_codec
 pytestmark = pytest.mark.integration
 
 EXAMPLE = str(Path(__file__).resolve().parents[1] / "data" / "facility" / "example.yaml")
-TOPICS = ("monitored-pvs", "alarms")
+TOPICS = fileformat.CONFIG_TOPICS  # the location tree, monitored PVs, alarms
 
 
 def run(settings, capsys, *args):
@@ -64,12 +64,13 @@ def test_apply_is_idempotent_and_dry_run_writes_nothing(settings, capsys, tmp_pa
     status, out, err = run(settings, capsys, "apply", EXAMPLE, "--dry-run")
     assert status == 0, err
     assert "alarms: 5 added, 0 changed, 0 not in the files (kept; --prune removes them), 0 unchanged" in out
-    assert "dry run: nothing written (10 record(s) would be)" in out
-    assert ends(settings) == {"monitored-pvs": 0, "alarms": 0}
+    assert "alarm-locations: 3 added" in out
+    assert "dry run: nothing written (13 record(s) would be)" in out
+    assert ends(settings) == {t: 0 for t in TOPICS}
 
     status, out, err = run(settings, capsys, "apply", EXAMPLE)
     assert status == 0, err
-    assert "wrote 10 record(s)" in out
+    assert "wrote 13 record(s)" in out
     assert current(settings) == desired(EXAMPLE)
     before = ends(settings)
 
@@ -145,7 +146,7 @@ def test_a_bad_file_is_refused_whole(settings, capsys, tmp_path):
     assert status == 1
     line = len(Path(EXAMPLE).read_text().splitlines()) + 2
     assert f"{bad}:{line}: alarms[Broken].rule: " in err and err.strip().endswith("nothing was written")
-    assert ends(settings) == {"monitored-pvs": 0, "alarms": 0}
+    assert ends(settings) == {t: 0 for t in TOPICS}
 
 
 def test_an_apply_cut_short_is_completed_by_the_next(settings, capsys):

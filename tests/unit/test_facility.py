@@ -183,13 +183,14 @@ def _desired():
     return desired.records
 
 
-def test_plan_into_empty_topics_adds_everything_pvs_before_alarms():
+def test_plan_into_empty_topics_adds_everything_locations_and_pvs_before_alarms():
     want = _desired()
     p = diff.plan({}, want, prune=False)
     order = p.ordered()
-    assert len(order) == 10 and all(v is not None for _, _, v in order)
+    assert len(order) == 13 and all(v is not None for _, _, v in order)  # 3 locations, 5 PVs, 5 alarms
     topics = [t for t, _, _ in order]
-    assert topics.index("alarms") > max(i for i, t in enumerate(topics) if t == "monitored-pvs")
+    assert topics.count("alarm-locations") == 3
+    assert topics.index("alarms") > max(i for i, t in enumerate(topics) if t in ("monitored-pvs", "alarm-locations"))
 
 
 def test_plan_of_the_same_state_writes_nothing_whoever_applies():
@@ -198,7 +199,8 @@ def test_plan_of_the_same_state_writes_nothing_whoever_applies():
             for t, recs in want.items()}
     p = diff.plan(have, want, prune=True)
     assert p.ordered() == [] and p.writes() == 0
-    assert diff.summary(p)[0].startswith("monitored-pvs: 0 added, 0 changed, 0 removed")
+    assert [line.split(":")[0] for line in diff.summary(p)] == ["alarm-locations", "monitored-pvs", "alarms"]
+    assert diff.summary(p)[1].startswith("monitored-pvs: 0 added, 0 changed, 0 removed")
 
 
 def test_plan_changed_removed_and_prune():
@@ -250,7 +252,7 @@ def _random_state(seed: int, n: int = 300):
             "docUrl": rng.choice(["", "", "/docs/x", "12"]), "edmPath": "",
             "priority": rng.choice(["P1_LIFE", "P3_PRODUCTIVITY", "P3_PRODUCTIVITY"]),
             "description": rng.choice(["", "  leading blanks", "null", "a: b", "multi\nline"]), **MGMT}
-    return {"monitored-pvs": mons, "alarms": alarms}
+    return {"alarm-locations": {}, "monitored-pvs": mons, "alarms": alarms}
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -279,7 +281,7 @@ def test_export_factors_shared_values_and_implied_pvs():
 
 
 def test_export_without_implied_pv_says_so():
-    state = {"monitored-pvs": {}, "alarms": {"A": {
+    state = {"alarm-locations": {}, "monitored-pvs": {}, "alarms": {"A": {
         "producer": {"pv": "P"}, "location": "L", "category": "C", "docUrl": "", "edmPath": "",
         "priority": "P3_PRODUCTIVITY", "description": "", **MGMT}}}
     doc, _ = export.document(state, fileformat.schemas(), S)
@@ -462,3 +464,17 @@ def test_a_cycle_of_masks_is_refused_once_at_its_first_alarm(tmp_path):
     _, problems = load(f)
     assert [(p.line, p.field, p.reason) for p in problems] == [
         (4, "alarms[A].maskedBy", "maskedBy cycle: A → B → C → A")]
+
+
+def test_locations_are_applied_exported_and_read_back():
+    state = {"alarm-locations": {"Site": {"parent": None, "description": ""},
+                                 "Hall": {"parent": "Site", "description": "the experimental hall"}},
+             "monitored-pvs": {"P": {"mask": ["VALUE", "ALARM"], "topic": None}},
+             "alarms": {"A": {"producer": {"pv": "P"}, "location": "Hall", "category": "C", "docUrl": "",
+                              "edmPath": "", "priority": "P3_PRODUCTIVITY", "description": "", **MGMT}}}
+    doc, notes = export.document(state, fileformat.schemas(), S)
+    assert notes == [] and doc["locations"]["Hall"]["parent"] == "Site"
+    desired, problems = fileformat.build([(doc, "x")], S)
+    assert problems == [] and desired.records == state
+    order = diff.plan({}, desired.records, prune=False).ordered()
+    assert [t for t, _, _ in order][:2] == ["alarm-locations", "alarm-locations"]
