@@ -52,11 +52,14 @@ class SummaryWriter:
         self.active: dict[str, dict] = {}  # alarm -> active-alarms record
         self.parents: dict[str, str | None] = {}  # location -> parent
         self.published: dict[str, dict] = {}  # location -> summary, as alarm-summaries holds it
+        self.refused: list[tuple[object, str]] = []  # (alarm-locations record, reason): dead letters to write
         self.dirty = True
         self.leader = False
 
-    def apply(self, topic: str, key: str, datum: dict | None) -> None:
-        """One record of a followed topic (a tombstone: datum None)."""
+    def apply(self, topic: str, key: str, datum: dict | None, record=None) -> None:
+        """One record of a followed topic (a tombstone: datum None). A location whose parent
+        would close a cycle of the tree is not applied; `record` (the Kafka record) is kept
+        for a dead letter."""
         if topic == "alarms":
             if datum is None:
                 self.dirty |= self.locations.pop(key, None) is not None
@@ -70,6 +73,14 @@ class SummaryWriter:
                 self.active[key] = datum
                 self.dirty = True
         elif topic == "alarm-locations":
+            from alarm_engine.masking import mask_cycle
+
+            parent = None if datum is None else datum["parent"]
+            cycle = mask_cycle({k: v for k, v in self.parents.items() if k != key}, key, parent)
+            if cycle:
+                self.refused.append((record, f"location {key!r}: parent {parent!r} would make a cycle: "
+                                             f"{' -> '.join(cycle)}"))
+                return
             if datum is None:
                 self.parents.pop(key, None)
             else:
@@ -144,7 +155,7 @@ class SummaryWriter:
                     topic = logical[tp.topic]
                     for m in msgs:
                         try:
-                            self.apply(topic, decode_key(m.key), codec.decode(topic, m.value))
+                            self.apply(topic, decode_key(m.key), codec.decode(topic, m.value), m)
                         except BadRecord as e:  # the engine dead-letters its inputs; skip here
                             log.debug("alarm-summaries: skipped %s[%d]@%d: %s", tp.topic, m.partition, m.offset, e)
                     if msgs and msgs[-1].offset + 1 >= end[tp]:
@@ -154,6 +165,10 @@ class SummaryWriter:
                 if leader != self.leader:
                     log.info("alarm-summaries: this worker %s the writer", "is now" if leader else "is no longer")
                     self.leader = leader
+                if self.refused and not behind:
+                    if leader:  # one worker says it; the others drop theirs
+                        await self._dead_letters(producer, codec, loop)
+                    self.refused.clear()
                 if behind or not leader or not self.dirty or loop.time() < next_write:
                     continue
                 started = loop.time()
@@ -172,6 +187,20 @@ class SummaryWriter:
             await follower.stop()
             await lease.stop()
             await producer.stop()
+
+
+    async def _dead_letters(self, producer, codec, loop) -> None:
+        import time
+
+        from alarm_engine.engine import dead_letter
+
+        now = int(time.time() * 1000)
+        futures = []
+        for m, reason in self.refused:
+            log.warning("alarm-summaries: %s[%d]@%d: %s (see dead-letters)", m.topic, m.partition, m.offset, reason)
+            out = dead_letter(codec, m.topic, m.partition, m.offset, m.key, m.value, reason, now)
+            futures.append(await producer.send(self.settings.topic(out.topic), key=out.key, value=out.value))
+        await asyncio.gather(*futures)
 
 
 def install(app, settings: Settings) -> None:

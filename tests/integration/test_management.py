@@ -3,6 +3,7 @@ operator's acks and disables through the CLI, and their survival of a killed wor
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -82,6 +83,21 @@ def test_location_summaries_roll_up_acks_and_disables(eng, tmp_path):
         eng.cli("disable", "--location", "Site", "--reason", "maintenance")
         summaries.wait_for(lambda st: st.get("Site", {}).get("level") == "OK"
                            and st["Site"]["states"]["DISABLED"] == 2, what="all disabled: Site OK")
+        # A cycle: refused by the CLI, and dead-lettered by the engine when written past it.
+        from alarm_engine import cli
+        from alarm_engine.kafka_io import produce
+        from alarm_engine.registry import make_codec
+
+        assert cli.main(["--topic-prefix", eng.s.topic_prefix, "set-location", "Site", "--parent", "Bay"]) == 2
+        cyclic = make_codec(eng.s).encode("alarm-locations", {"parent": "Bay", "description": ""})
+        asyncio.run(produce(eng.s, eng.s.topic("alarm-locations"), [(b"Site", cyclic)]))
+        dead = ActiveView(eng.s, "dead-letters")
+        try:
+            dead.wait_for(lambda st: "would make a cycle" in st.get("Site", {}).get("reason", ""),
+                          what="the cyclic location dead-lettered")
+        finally:
+            dead.close()
+        assert summaries.state["Site"]["defined"] == 2  # the tree as it was
         eng.cli("set-location", "Hall", "--unset")  # Hall, still named by Bay and an alarm, is a top of its own
         summaries.wait_for(lambda st: st.get("Site", {}).get("defined") == 0 and st["Hall"]["defined"] == 2,
                            what="Hall and Bay no longer under Site")

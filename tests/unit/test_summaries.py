@@ -96,3 +96,17 @@ def test_the_writer_writes_only_what_the_topic_does_not_hold():
     w.apply("alarms", "a", None)
     w.apply("alarm-locations", "Site", None)
     assert w.dirty and asyncio.run(w.due()) == [("Site", None)]  # gone: a tombstone
+
+
+def test_a_location_closing_a_cycle_is_refused_not_applied():
+    from alarm_engine.config import Settings
+    from alarm_engine.worker.summary_writer import SummaryWriter
+
+    w = SummaryWriter(Settings())
+    w.apply("alarm-locations", "Site", {"parent": None, "description": ""}, "r1")
+    w.apply("alarm-locations", "Hall", {"parent": "Site", "description": ""}, "r2")
+    w.apply("alarm-locations", "Site", {"parent": "Hall", "description": ""}, "r3")
+    assert w.parents == {"Site": None, "Hall": "Site"}
+    assert w.refused == [("r3", "location 'Site': parent 'Hall' would make a cycle: Site -> Hall -> Site")]
+    w.apply("alarm-locations", "Hall", None, "r4")  # a tombstone never closes a cycle
+    assert w.parents == {"Site": None} and len(w.refused) == 1
