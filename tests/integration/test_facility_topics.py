@@ -204,4 +204,6 @@ def test_export_phoebus_xml_and_import_it_back(settings, capsys, tmp_path):
     imported = desired(str(back))["alarms"]
     # Phoebus names an alarm by its PV: the per-PV alarms come back under their PVs' names.
     assert {a["producer"]["pv"] for a in imported.values()} == {"IOC1:TEMP", "VAC:G1", "VAC:G2"}
-    assert imported["VAC:G1"]["location"] == "Hall B" and imported["VAC:G1"]["docUrl"] == "/docs/vacuum"
+    # The location tree (alarm-locations: Hall B under CEBAF) is Phoebus' component tree, whose
+    # locations the importer names by their paths.
+    assert imported["VAC:G1"]["location"] == "CEBAF/Hall B" and imported["VAC:G1"]["docUrl"] == "/docs/vacuum"
