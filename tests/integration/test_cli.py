@@ -152,16 +152,23 @@ def test_schema_evolution_from_the_original_scripts_is_backward_compatible(setti
 
     from alarm_engine.config import VALUE_SCHEMAS
 
-    legacy_dir = Path(__file__).resolve().parents[2] / "schemas" / "legacy"
+    root = Path(__file__).resolve().parents[2]
+    legacy_dir = root / "schemas" / "legacy"
+    before_management = root / "tests" / "data" / "schemas-before-management"
     base = settings.registry_url.rstrip("/")
     with httpx.Client(timeout=10) as http:
         for topic in ("monitored-pvs", "alarms", "shelved-alarms", "active-alarms"):
             name = VALUE_SCHEMAS[topic]
             subject = f"{settings.topic_prefix}compat-{name}"
-            for schema in (json.loads((legacy_dir / f"{name}.avsc").read_text()), load_schema(name)):
+            # The original scripts' version, the one before alarm management (where it changed), ours.
+            versions = [json.loads((legacy_dir / f"{name}.avsc").read_text())]
+            if (before_management / f"{name}.avsc").exists():
+                versions.append(json.loads((before_management / f"{name}.avsc").read_text()))
+            versions.append(load_schema(name))
+            for schema in versions:
                 r = http.post(f"{base}/subjects/{subject}/versions", json={"schema": json.dumps(schema)})
                 assert r.status_code == 200, (subject, r.status_code, r.text)
-            assert http.get(f"{base}/subjects/{subject}/versions").json() == [1, 2]
+            assert http.get(f"{base}/subjects/{subject}/versions").json() == list(range(1, len(versions) + 1))
         # A new required field without a default cannot read old records.
         bad = load_schema("alarms-value")
         bad["fields"].append({"name": "mandatory", "type": "string"})
