@@ -17,6 +17,7 @@ from its first fetched record to its last acknowledged send.
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 import time
@@ -142,7 +143,7 @@ async def _engine(n_workers: int, quick: bool, profile: bool, kind: str = "pv") 
                 "produce_s": produce_s, "rss_kib": rss, "settings": s, "start": start}
     finally:
         if spy is not None:
-            spy.terminate()
+            spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT, not on SIGTERM
             try:
                 spy.wait(10)
             except subprocess.TimeoutExpired:

@@ -1,13 +1,14 @@
 """The summary writer: alarms, active-alarms, alarm-locations -> alarm-summaries.
 
 A location's summary counts alarms of every partition, so it cannot be computed from one
-worker's partitions. Every worker follows the four topics in full (no consumer group,
-like `list-*`), which also keeps a standby ready; one of them writes: the member of the
-consumer group `<app>-summaries` that is assigned partition 0 of alarm-summaries (the
-group is only a lease: its records are not used). When that worker dies, the group gives
-the partition to another within a session timeout and that one writes from then on. Two
-writers for a moment during a rebalance write the same values (both compute from the same
-topics), so a compacted reader sees no harm.
+worker's partitions. One worker writes them: the member of the consumer group
+`<app>-summaries` that is assigned partition 0 of alarm-summaries (the group is only a
+lease: its records are not used). That worker reads the four topics in full (no consumer
+group, like `list-*`) from their beginnings and follows them; the others only keep their
+place in the group, so a fleet pays the following once. When the writer dies, the group
+gives the partition to another within a session timeout (10 s), which reads the compacted
+topics and writes what differs. Two writers for a moment during a rebalance write the same
+values (both compute from the same topics), so a compacted reader sees no harm.
 
 Summaries are computed by alarm_engine/summaries.py at most every `interval_s` (longer when a
 computation takes long: at most a fifth of the time is spent on it), and only
@@ -54,7 +55,6 @@ class SummaryWriter:
         self.published: dict[str, dict] = {}  # location -> summary, as alarm-summaries holds it
         self.refused: list[tuple[object, str]] = []  # (alarm-locations record, reason): dead letters to write
         self.dirty = True
-        self.leader = False
 
     def apply(self, topic: str, key: str, datum: dict | None, record=None) -> None:
         """One record of a followed topic (a tombstone: datum None). A location whose parent
@@ -128,29 +128,46 @@ class SummaryWriter:
         codec = await asyncio.to_thread(make_codec, s)
         await asyncio.to_thread(codec.schema_id, SUMMARY_TOPIC)  # registers the schema once
         logical = {s.topic(t): t for t in FOLLOWED}
+        # fetch_max_wait_ms: a record still comes at once; a quiet topic costs fewer round trips.
         follower = AIOKafkaConsumer(**s.kafka_kwargs(), group_id=None, enable_auto_commit=False,
-                                    auto_offset_reset="earliest")
+                                    auto_offset_reset="earliest", fetch_max_wait_ms=2000)
         lease = AIOKafkaConsumer(s.topic(SUMMARY_TOPIC), **s.kafka_kwargs(), group_id=group_id(s),
-                                 enable_auto_commit=False, auto_offset_reset="latest",
-                                 session_timeout_ms=10_000, heartbeat_interval_ms=1_000)
+                                 enable_auto_commit=False, auto_offset_reset="latest", fetch_max_wait_ms=2000,
+                                 session_timeout_ms=10_000, heartbeat_interval_ms=2_000)
         producer = AIOKafkaProducer(**s.kafka_kwargs(), acks="all", linger_ms=5)
-        self.reset()  # a restart reads everything again
+        self.reset()
+        self.leader = False
         try:
             await _start(follower)
-            await follower._client.force_metadata_update()
-            tps = [TopicPartition(name, p) for name in logical for p in sorted(follower.partitions_for_topic(name) or ())]
-            follower.assign(tps)
-            await follower.seek_to_beginning(*tps)
-            end = await follower.end_offsets(tps)
-            behind = {tp for tp in tps if end[tp] > await follower.position(tp)}
             await _start(lease)
             await _start(producer)
             first = TopicPartition(s.topic(SUMMARY_TOPIC), 0)
             out_topic = s.topic(SUMMARY_TOPIC)
             loop = asyncio.get_running_loop()
             next_write = 0.0
+            end: dict = {}
+            behind: set = set()
             while True:
-                batch = await follower.getmany(timeout_ms=200, max_records=5000)
+                # Keeps the lease's membership (max.poll.interval); a standby waits here.
+                await lease.getmany(timeout_ms=0 if self.leader else 1000)
+                leader = first in lease.assignment()
+                if leader != self.leader:
+                    log.info("alarm-summaries: this worker %s the writer", "is now" if leader else "is no longer")
+                    self.leader = leader
+                    self.reset()  # the holder reads every followed topic from its beginning
+                    if leader:
+                        await follower._client.force_metadata_update()
+                        tps = [TopicPartition(name, p) for name in logical
+                               for p in sorted(follower.partitions_for_topic(name) or ())]
+                        follower.assign(tps)
+                        await follower.seek_to_beginning(*tps)
+                        end = await follower.end_offsets(tps)
+                        behind = {tp for tp in tps if end[tp] > await follower.position(tp)}
+                    else:
+                        follower.assign([])
+                if not leader:
+                    continue
+                batch = await follower.getmany(timeout_ms=500, max_records=5000)
                 for tp, msgs in batch.items():
                     topic = logical[tp.topic]
                     for m in msgs:
@@ -160,16 +177,10 @@ class SummaryWriter:
                             log.debug("alarm-summaries: skipped %s[%d]@%d: %s", tp.topic, m.partition, m.offset, e)
                     if msgs and msgs[-1].offset + 1 >= end[tp]:
                         behind.discard(tp)
-                await lease.getmany(timeout_ms=0)  # keeps the lease's membership (max.poll.interval)
-                leader = first in lease.assignment()
-                if leader != self.leader:
-                    log.info("alarm-summaries: this worker %s the writer", "is now" if leader else "is no longer")
-                    self.leader = leader
                 if self.refused and not behind:
-                    if leader:  # one worker says it; the others drop theirs
-                        await self._dead_letters(producer, codec, loop)
+                    await self._dead_letters(producer, codec, loop)
                     self.refused.clear()
-                if behind or not leader or not self.dirty or loop.time() < next_write:
+                if behind or not self.dirty or loop.time() < next_write:
                     continue
                 started = loop.time()
                 records = await self.due()
@@ -187,7 +198,6 @@ class SummaryWriter:
             await follower.stop()
             await lease.stop()
             await producer.stop()
-
 
     async def _dead_letters(self, producer, codec, loop) -> None:
         import time
