@@ -16,7 +16,8 @@ docurl, edmpath, ...}) are read too. Mapping: EPICSSource → per-PV alarm (and 
 Source (no source information) → external alarm; CALCSource → not imported (JAWS' CALC
 expressions are not this engine's rule language); the action gives priority (P1_CRITICAL →
 P1_LIFE, P2_MAJOR → P2_PROPERTY, P3_MINOR → P3_PRODUCTIVITY, P4_INCIDENTAL → P4_DIAGNOSTIC),
-category (its system) and description (its corrective action); the first location is the
+category (its system), description and guidance (its rationale and corrective action),
+delaySeconds and offDelaySeconds (its on- and off-delay), latching; the first location is the
 alarm's; screencommand → edmPath. What has no field in the alarms schema is reported.
 """
 
@@ -36,9 +37,8 @@ PRIORITIES = {"P1_CRITICAL": "P1_LIFE", "P2_MAJOR": "P2_PROPERTY", "P3_MINOR": "
 #: JAWS field → (alarm schema field candidates); carried when the schema has one and the value fits.
 OPTIONAL = {
     "latchable": ("latching",),
-    "rationale": ("rationale",),
     "maskedby": ("maskedBy", "maskedby"),
-    "ondelayseconds": ("onDelay", "onDelaySeconds"),
+    "ondelayseconds": ("delaySeconds", "onDelay", "onDelaySeconds"),
     "offdelayseconds": ("offDelay", "offDelaySeconds"),
     "filterable": ("filterable",),
 }
@@ -124,6 +124,20 @@ def convert(recs: list[tuple[str, str, dict]], report: Report, alarm_schema: dic
             return
         entry[target] = value
 
+    def guide(entry: dict, action: dict, where: str) -> None:
+        """The action's rationale and corrective action: the alarm's guidance record."""
+        value = {"rationale": _untag(action.get("rationale"))[1] or "", "consequence": "",
+                 "correctiveAction": _untag(action.get("correctiveaction"))[1] or "", "responseTimeSeconds": 0}
+        if "guidance" not in fields:
+            report.add("not imported: rationale (the alarms schema has no guidance field)", where)
+            return
+        try:
+            reader.read_field("guidance", value, "guidance")
+        except BadRecord as e:
+            report.add(f"not imported: rationale and corrective action ({e})", where)
+            return
+        entry["guidance"] = value
+
     locations = {}
     for name, v in by_kind["location"].items():
         parent = v.get("parent")
@@ -189,8 +203,8 @@ def convert(recs: list[tuple[str, str, dict]], report: Report, alarm_schema: dic
                 report.add(f"not imported: priority {prio!r}", name)
             if action.get("correctiveaction"):
                 entry["description"] = action["correctiveaction"]
-            if action.get("rationale"):
-                carry(entry, "rationale", action["rationale"], name)
+            if action.get("rationale") or action.get("correctiveaction"):
+                guide(entry, action, name)
             if action.get("latchable"):
                 carry(entry, "latchable", True, name)
             for f in ("ondelayseconds", "offdelayseconds"):

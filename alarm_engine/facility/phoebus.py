@@ -194,10 +194,14 @@ def import_tree(root, source_name: str, alarm_schema: dict | None = None) -> tup
         if desc:
             entry["description"] = desc
         enabled = _text(el, "enabled")
+        # Out of service is an operator's record here (disabled-alarms: who, why, until when),
+        # not part of the definition: the report says what to run after apply.
         if enabled and enabled.lower() == "false":
-            put(entry, "enabled", False, where, "disabled (imported as enabled)")
+            report.add("not imported: disabled (imported as enabled; after apply: "
+                       "alarm-engine disable NAME --reason R)", where)
         elif enabled and enabled.lower() != "true":
-            put(entry, "enabled", enabled, where, f"enable date {enabled} (imported as enabled)")
+            report.add("not imported: enable date (imported as enabled; after apply: "
+                       "alarm-engine disable NAME --reason R --until DATE)", f"{where}: {enabled}")
         latching = (_text(el, "latching") or "true").lower() != "false"  # Phoebus' default: true
         if latching:
             put(entry, "latching", True, where, "latching")
@@ -226,7 +230,11 @@ def import_tree(root, source_name: str, alarm_schema: dict | None = None) -> tup
         guidance = own["guidance"] + lists.get("guidance", [])
         displays = own["displays"] + lists.get("displays", [])
         if guidance:
-            put(entry, "guidance", [{"title": t, "details": d} for t, d in guidance], where, "guidance")
+            # Phoebus' guidance is titled free text, inherited from the components above:
+            # what the operator should do, so the corrective action of the guidance record.
+            text = "\n".join(f"{t}: {d}" if t and d else (t or d) for t, d in guidance)
+            put(entry, "guidance", {"rationale": "", "consequence": "", "correctiveAction": text,
+                                    "responseTimeSeconds": 0}, where, "guidance")
         if displays:
             # A web link (or what export wrote as "Documentation") is the docUrl, a screen the
             # edmPath; one of each. The rest go to displays when the schema has them.

@@ -314,12 +314,16 @@ def test_import_phoebus_nested_components_xinclude_and_report():
                      "never run: automated action: 1 (/Accelerator/Injector/Vacuum/INJ:VAC:G1: Mail the vacuum",
                      "never run: command: 1 (/Accelerator/Injector/Vacuum/INJ:VAC:G3: Open valve)",
                      "ignored: duplicate PV (Phoebus keeps the first): 1 (/Accelerator/Injector/RF/Klystron/INJ:VAC:G1",
-                     "not imported: disabled (imported as enabled)",
-                     "not imported: enable date 2026-12-24T08:00:00",
+                     "not imported: disabled (imported as enabled; after apply: alarm-engine disable NAME",
+                     "not imported: enable date (imported as enabled; after apply: alarm-engine disable NAME "
+                     "--reason R --until DATE): 1 (/Accelerator/Injector/Vacuum/INJ:VAC:G3: 2026-12-24T08:00:00)",
                      "not imported: annunciating"]:
         assert expected in text, expected
-    # The alarms schema has latching, delaySeconds, count and filter: carried into them.
+    # The alarms schema has latching, delaySeconds, count, filter and guidance: carried into them.
     assert "not imported: latching" not in text and "not imported: delay" not in text
+    assert "not imported: guidance" not in text
+    # Guidance, the component's inherited first: the corrective action.
+    assert alarms["INJ:VAC:G1"]["guidance"]["correctiveAction"].startswith("Injector: Call the injector expert.")
 
 
 def test_import_phoebus_carries_settings_into_the_management_fields():
@@ -403,15 +407,20 @@ def test_import_jaws_alarms_actions_locations():
     a = desired.records["alarms"]
     assert a["inj_gauge1"] == {"producer": {"pv": "INJ:VAC:G1"}, "location": "INJ", "category": "Vacuum",
                                "docUrl": "", "edmPath": "/opr/inj/vacuum.edl", "priority": "P2_PROPERTY",
-                               "description": "Close the valves and call vacuum on call", **MGMT}
+                               "description": "Close the valves and call vacuum on call",
+                               **{**MGMT, "delaySeconds": 5.0,
+                                  "guidance": {"rationale": "Beam line vacuum protects the cavities", "consequence": "",
+                                               "correctiveAction": "Close the valves and call vacuum on call",
+                                               "responseTimeSeconds": 0}}}
     assert a["pss_trip"]["producer"] == {"source": "JAWS"} and a["pss_trip"]["priority"] == "P1_LIFE"
     assert a["nl_gauge1"]["location"] == "NL"
     assert a["old_style"]["producer"] == {"pv": "iocin1:heartbeat"} and a["old_style"]["category"] == "RF"
     assert "hallA_calc" not in a
+    assert a["pss_trip"]["guidance"]["rationale"] == "Personnel safety"
     assert desired.locations == {"CEBAF": None, "INJ": "CEBAF", "NL": "CEBAF", "SL": "CEBAF", "HallA": "CEBAF"}
     text = "\n".join(report.lines())
     for expected in ["CALCSource", "locations after the first (an alarm has one location): 1 (nl_gauge1: SL)",
-                     "not imported: rationale", "not imported: device",
+                     "not imported: device",
                      "not imported: managedby", "action not in the files", "not a KEY=VALUE line: 1"]:
         assert expected in text, expected
 
