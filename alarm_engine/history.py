@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator, Iterable, Mapping
 
 from alarm_engine.config import Settings
 
@@ -135,18 +135,22 @@ def dedupe(entries: Iterable[dict]) -> list[dict]:
     return out
 
 
-def in_location(location: str, wanted: str) -> bool:
-    """Locations are paths ("Hall A/Sector 1"): a location selects itself and what is under it."""
-    wanted = wanted.strip("/")
-    return not wanted or location == wanted or location.startswith(wanted + "/")
+def in_location(location: str, wanted: str, parents: Mapping[str, str | None] | None = None) -> bool:
+    """A location selects itself and what lies under it in the tree of alarm-locations
+    (parent links: `parents`, location -> parent), as `ack --location` and the summaries do."""
+    from alarm_engine.summaries import ancestors
+
+    return not wanted or location == wanted or wanted in ancestors(parents or {}, location)
 
 
 def select(entries: Iterable[dict], name: str | None = None, location: str | None = None,
-           since_ms: int | None = None, until_ms: int | None = None) -> list[dict]:
-    """Deduplicated entries of one alarm and/or location in [since, until), by time."""
+           since_ms: int | None = None, until_ms: int | None = None,
+           parents: Mapping[str, str | None] | None = None) -> list[dict]:
+    """Deduplicated entries of one alarm and/or location (and below it in `parents`) in
+    [since, until), by time."""
     out = [e for e in dedupe(entries)
            if (name is None or e["alarm"] == name)
-           and (location is None or in_location(e["location"], location))
+           and (location is None or in_location(e["location"], location, parents))
            and (since_ms is None or e["time"] >= since_ms)
            and (until_ms is None or e["time"] < until_ms)]
     out.sort(key=lambda e: (e["time"], e["sourceTopic"], e["partition"], e["offset"]))

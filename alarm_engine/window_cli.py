@@ -82,13 +82,23 @@ async def cmd_web_user(args, settings) -> int:
     return 0
 
 
+async def _location_tree(settings) -> dict[str, str | None]:
+    """location -> parent, from the compacted alarm-locations topic."""
+    from alarm_engine.facility.state import read
+    from alarm_engine.registry import make_codec
+
+    state = await read(settings, make_codec(settings), ["alarm-locations"])
+    return {k: (v or {}).get("parent") for k, v in state.topics["alarm-locations"].items() if v}
+
+
 async def cmd_history(args, settings) -> int:
     from alarm_engine import history
     from alarm_engine.cli import format_ms, parse_duration_ms
 
     since = int(time.time() * 1000) - parse_duration_ms(args.since)
+    parents = await _location_tree(settings) if args.location else None
     entries = history.select(await history.read(settings, since), name=args.name, location=args.location,
-                             since_ms=since)
+                             since_ms=since, parents=parents)
     for e in entries:
         if args.json:
             print(json.dumps(e, sort_keys=True))

@@ -21,7 +21,9 @@ from alarm_engine.config import Settings, engine_app_id
 
 log = logging.getLogger(__name__)
 
-TOPICS = ("alarms", "active-alarms", "shelved-alarms", history.TOPIC)
+TOPICS = ("alarms", "active-alarms", "shelved-alarms", "alarm-locations", history.TOPIC)
+#: Written by later parts of the engine than the others: the page works without them (and looks again).
+OPTIONAL = (history.TOPIC, "alarm-locations")
 PRIORITY_ORDER = {"P1_LIFE": 1, "P2_PROPERTY": 2, "P3_PRODUCTIVITY": 3, "P4_DIAGNOSTIC": 4}
 
 
@@ -52,6 +54,7 @@ class LiveState:
     definitions: dict[str, dict] = field(default_factory=dict)
     active: dict[str, dict] = field(default_factory=dict)
     shelved: dict[str, dict] = field(default_factory=dict)
+    parents: dict[str, str | None] = field(default_factory=dict)  # the alarm-locations tree
     entries: collections.deque = field(default_factory=collections.deque)
     _sources: set = field(default_factory=set)
 
@@ -80,6 +83,19 @@ class LiveState:
         """Each location with its number of defined alarms (the tree's nodes)."""
         return dict(collections.Counter(d.get("location", "") for d in self.definitions.values()))
 
+    def tree(self) -> dict[str, str | None]:
+        """location -> parent for every location of the tree and every one an alarm names
+        (a location without an alarm-locations record is a top of its own, as in the summaries)."""
+        out = {loc: None for loc in self.locations()}
+        out.update(self.parents)
+        for parent in self.parents.values():
+            if parent is not None:
+                out.setdefault(parent, None)
+        return out
+
+    def in_location(self, location: str, wanted: str | None) -> bool:
+        return wanted is None or history.in_location(location, wanted, self.parents)
+
     def apply(self, topic: str, key: str, value: dict | None) -> tuple[str, ...]:
         """Applies one record; returns what changed: ("row", name), ("locations",), ("history", ...)."""
         if topic == "active-alarms":
@@ -96,6 +112,12 @@ class LiveState:
                 self.definitions[key] = value
             moved = (old or {}).get("location") != (value or {}).get("location")
             return ("row", "locations") if moved or old is None or value is None else ("row",)
+        if topic == "alarm-locations":
+            if value is None:
+                self.parents.pop(key, None)
+            else:
+                self.parents[key] = value.get("parent") or None
+            return ("locations",)
         if topic == "shelved-alarms":
             if value is None:
                 self.shelved.pop(key, None)
@@ -235,9 +257,9 @@ class Feed:
                     await consumer._client.force_metadata_update()
                     parts = consumer.partitions_for_topic(name)
                 if not parts:
-                    if t == history.TOPIC:
+                    if t in OPTIONAL:
                         self._missing.append(name)
-                        continue  # no history writer ran yet: the page works without it (and looks again)
+                        continue  # not written yet (an older engine): the page works without it, and looks again
                     raise LookupError(f"topic {name} does not exist")
                 tps += [TopicPartition(name, p) for p in sorted(parts)]
             consumer.assign(tps)

@@ -144,7 +144,7 @@ class WebApp:
         return request.remote or ""
 
     def snapshot(self) -> dict:
-        return {"alarms": self.state.rows(), "locations": self.state.locations(),
+        return {"alarms": self.state.rows(), "locations": self.state.locations(), "tree": self.state.tree(),
                 "status": self.feed.status(), "kpi": self.kpi_now, "server": socket.gethostname(),
                 "readOnly": not self.auth.configured, "shelveReasons": list(self.settings.shelve_reasons)}
 
@@ -205,7 +205,7 @@ class WebApp:
                 raise ApiError(400, f"unknown query parameter {k!r} (use {', '.join(sorted(allowed))})", k)
         rows = self.state.rows()
         loc = request.query.get("location")
-        rows = [r for r in rows if (loc is None or history.in_location(r["location"], loc))
+        rows = [r for r in rows if self.state.in_location(r["location"], loc)
                 and all(request.query.get(f) in (None, r.get(f)) for f in ("category", "priority", "state"))]
         counts = {f: {} for f in ("state", "priority", "severity", "location", "category")}
         for r in rows:
@@ -240,7 +240,7 @@ class WebApp:
         self.need_read(request)
         since = self._since(request, "1h")
         es = history.select(list(self.state.entries), name=request.query.get("name"),
-                            location=request.query.get("location"), since_ms=since)
+                            location=request.query.get("location"), since_ms=since, parents=self.state.parents)
         return _json({"since": since, "history": [{**e, "text": history.describe(e)} for e in es[-5000:]]})
 
     async def kpis(self, request):
@@ -374,6 +374,7 @@ class WebApp:
                     msg["history"] = sorted(hist)
                 if "locations" in flags:
                     msg["locations"] = self.state.locations()
+                    msg["tree"] = self.state.tree()
                 if "status" in flags or rows:
                     msg["status"] = self.feed.status()
                 if "kpi" in flags:

@@ -124,6 +124,17 @@ def test_page_shows_filters_shelves_and_clears(rig, capsys):
     page.click('#tree .node[data-path="Hall W/Bay 1"]')
     page.wait_for_selector(_row("web ext"), state="detached")
     page.click("#f-clear")
+    # The tree is alarm-locations: Bay 1 under Hall W; Bay 2, with no record, a top of its own.
+    rig.cli("set-location", "Hall W")
+    rig.cli("set-location", "Hall W/Bay 1", "--parent", "Hall W")
+    page.wait_for_selector('#tree .node[data-path="Hall W"] + ul .node[data-path="Hall W/Bay 1"]')
+    assert page.inner_text('#tree .node[data-path="Hall W/Bay 1"] span') == "Bay 1"
+    page.click('#tree .node[data-path="Hall W"]')
+    page.wait_for_selector(_row("web ext"), state="detached")
+    assert page.locator(_row("web pv")).count() == 1
+    status, body = web.request("GET", "/api/v1/alarms?location=Hall%20W")
+    assert status == 200 and [a["name"] for a in body["alarms"]] == ["web pv"]
+    page.click("#f-clear")
     page.select_option("#f-priority", "P3_PRODUCTIVITY")
     page.wait_for_selector(_row("web pv"), state="detached")
     assert page.locator("tr.alarm").count() == 1

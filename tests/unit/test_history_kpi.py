@@ -61,8 +61,12 @@ def test_replay_copies_are_skipped_and_selection():
     b = shown("b", T0 + 1, location="Hall B", offset=8)
     out = history.select([a, b, copy])
     assert out == [a, b]
-    assert history.select([a, b, copy], location="Hall A") == [a]
-    assert history.select([a, b], location="Hall") == []  # a path prefix, not a string prefix
+    assert history.select([a, b, copy], location="Hall A/S1") == [a]
+    tree = {"Hall A/S1": "Hall A", "Hall A": "Site", "Hall B": "Site"}
+    assert history.select([a, b, copy], location="Hall A", parents=tree) == [a]  # below it in the tree
+    assert history.select([a, b], location="Site", parents=tree) == [a, b]
+    assert history.select([a, b], location="Hall A") == []  # without the tree, the name alone
+    assert history.select([a, b], location="Hall", parents=tree) == []  # a name, not a string prefix
     assert history.select([a, b], name="b") == [b]
     assert history.select([a, b], since_ms=T0 + 1) == [b]
 

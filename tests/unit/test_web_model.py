@@ -49,6 +49,20 @@ def test_what_changes_are_reported():
     assert st.detail("nope") is None
 
 
+def test_the_tree_is_alarm_locations_with_each_named_location():
+    st = LiveState()
+    st.apply("alarms", "a", defn("Hall A/S1"))
+    st.apply("alarms", "b", defn("Hall B"))
+    assert st.tree() == {"Hall A/S1": None, "Hall B": None}  # no records: each a top of its own
+    assert st.apply("alarm-locations", "Hall A/S1", {"parent": "Hall A", "description": ""}) == ("locations",)
+    st.apply("alarm-locations", "Hall A", {"parent": "Site", "description": ""})
+    assert st.tree() == {"Hall A/S1": "Hall A", "Hall A": "Site", "Site": None, "Hall B": None}
+    assert st.in_location("Hall A/S1", "Site") and st.in_location("Hall A/S1", "Hall A/S1")
+    assert not st.in_location("Hall B", "Site") and st.in_location("Hall B", None)
+    st.apply("alarm-locations", "Hall A", None)  # a tombstone: Hall A is a top again (still a parent)
+    assert st.tree()["Hall A"] is None and not st.in_location("Hall A/S1", "Site")
+
+
 def test_history_window_copies_and_detail():
     st = LiveState(history_window_ms=60_000)
     e1 = history.entry("active-alarms", "a", shown(), T0, 0, 1, definition=defn())

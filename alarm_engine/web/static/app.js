@@ -8,7 +8,7 @@ const PRI_LABEL = { P1_LIFE: "P1 life", P2_PROPERTY: "P2 prop.", P3_PRODUCTIVITY
 const SEV_RANK = { INVALID: 3, MAJOR: 2, MINOR: 1, NO_ALARM: 0 };
 const ROW_H = 30;
 const S = {
-  rows: new Map(), locations: {}, status: null, kpi: null, selected: null, connected: false,
+  rows: new Map(), locations: {}, tree: {}, status: null, kpi: null, selected: null, connected: false,
   filter: { location: "", category: "", priority: "", state: "", text: "" },
   sorted: [], lastMessage: 0, readOnly: false,
 };
@@ -30,7 +30,14 @@ function fmtSince(ms) {
   if (d.toDateString() === now.toDateString()) return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
   return `${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}`;
 }
-function inLocation(loc, wanted) { return !wanted || loc === wanted || loc.startsWith(wanted + "/"); }
+// The location tree is alarm-locations (location -> parent), as the engine's summaries and
+// `ack --location` read it: a location selects itself and every location under it.
+function ancestors(loc) {
+  const chain = [], seen = new Set();
+  for (let c = loc; c != null && !seen.has(c); c = S.tree[c]) { chain.push(c); seen.add(c); }
+  return chain;
+}
+function inLocation(loc, wanted) { return !wanted || loc === wanted || ancestors(loc).includes(wanted); }
 
 // --- data ------------------------------------------------------------------------------
 function compare(a, b) {
@@ -152,7 +159,7 @@ function fillSelect(id, field, values, label) {
 }
 function renderFilters() {
   const cats = new Set(S.all.map((r) => r.category));
-  fillSelect("f-location", "location", Object.keys(S.locations), null);
+  fillSelect("f-location", "location", [...new Set([...Object.keys(S.locations), ...Object.keys(S.tree)])], null);
   fillSelect("f-category", "category", cats, null);
   fillSelect("f-priority", "priority", Object.keys(PRI), (v) => PRI_LABEL[v] || v);
   fillSelect("f-state", "state", ["ACTIVE", "SHELVED", "DISABLED", "SUPPRESSED", "MASKED"], null);
@@ -171,39 +178,47 @@ function renderCounts() {
   $("counts").innerHTML = html;
 }
 
+// Phoebus' roll-up order (alarm_engine/summaries.py): any unacknowledged severity outranks every
+// acknowledged one; only alarms shown ACTIVE raise a location.
+const LEVELS = ["OK", "MINOR_ACK", "MAJOR_ACK", "INVALID_ACK", "MINOR", "MAJOR", "INVALID"];
+function level(r) {
+  if (r.state !== "ACTIVE" || !SEV_RANK[r.severity]) return 0;
+  return LEVELS.indexOf(r.severity + (r.ackState === "ACK" ? "_ACK" : ""));
+}
 function buildTree() {
-  const root = { children: new Map(), path: "", defined: 0, active: 0, sev: -1 };
+  const nodes = new Map();
   const node = (path) => {
-    let n = root;
-    const parts = path ? path.split("/") : ["(no location)"];
-    let p = "";
-    for (const part of parts) {
-      p = p ? p + "/" + part : part;
-      if (!n.children.has(part)) n.children.set(part, { name: part, path: path ? p : "", children: new Map(), defined: 0, active: 0, sev: -1 });
-      n = n.children.get(part);
+    let n = nodes.get(path);
+    if (!n) {
+      const parent = path ? S.tree[path] : null;
+      const name = !path ? "(no location)" : parent && path.startsWith(parent + "/") ? path.slice(parent.length + 1) : path;
+      n = { name, path, children: new Map(), defined: 0, active: 0, level: 0 };
+      nodes.set(path, n);
     }
     return n;
   };
-  const climb = (path, fn) => {
-    const parts = path ? path.split("/") : ["(no location)"];
-    let n = root;
-    for (const part of parts) { n = n.children.get(part); if (!n) return; fn(n); }
-  };
-  for (const [loc, count] of Object.entries(S.locations)) { node(loc); climb(loc, (n) => (n.defined += count)); }
+  const root = { children: new Map() };
+  for (const loc of new Set([...Object.keys(S.tree), ...Object.keys(S.locations)])) node(loc);
+  for (const r of S.all) node(r.location || "");
+  for (const [path, n] of nodes) {
+    const up = path ? S.tree[path] : null;  // a cycle (refused by the CLI, but on the topic) hangs from the top
+    (up != null && nodes.has(up) && !ancestors(up).includes(path) ? nodes.get(up) : root).children.set(path, n);
+  }
+  for (const [loc, count] of Object.entries(S.locations)) for (const a of ancestors(loc)) node(a).defined += count;
   for (const r of S.all) {
-    node(r.location || "");
-    climb(r.location || "", (n) => { n.active++; n.sev = Math.max(n.sev, SEV_RANK[r.severity] ?? 0); });
+    const lv = level(r);
+    for (const a of ancestors(r.location || "")) { const n = node(a); n.active++; n.level = Math.max(n.level, lv); }
   }
   return root;
 }
 function renderTree() {
-  const sevName = ["NO_ALARM", "MINOR", "MAJOR", "INVALID"];
+  const mark = (lv) => (lv ? `sev-${LEVELS[lv].replace("_ACK", "")}${LEVELS[lv].endsWith("_ACK") ? " acked" : ""}` : "sev-none");
   const html = (n) => [...n.children.values()].sort((a, b) => (a.name < b.name ? -1 : 1)).map((c) =>
-    `<li><div class="node${S.filter.location === c.path && c.path ? " on" : ""}" data-path="${esc(c.path)}" title="${c.active} active of ${c.defined} defined">`
-    + `<span>${esc(c.name)}</span><span class="n sev-${c.active ? sevName[c.sev] : "none"}">${c.active}</span></div>`
+    `<li><div class="node${S.filter.location === c.path && c.path ? " on" : ""}" data-path="${esc(c.path)}" title="${esc(c.path || "(no location)")}: ${c.active} shown of ${c.defined} defined, ${LEVELS[c.level]}">`
+    + `<span>${esc(c.name)}</span><span class="n ${c.active ? mark(c.level) : "sev-none"}">${c.active}</span></div>`
     + (c.children.size ? `<ul>${html(c)}</ul>` : "") + `</li>`).join("");
   const tree = buildTree();
-  $("tree").innerHTML = `<li><div class="node${!S.filter.location ? " on" : ""}" data-path=""><span>All</span><span class="n sev-${S.all.length ? sevName[S.all.reduce((m, r) => Math.max(m, SEV_RANK[r.severity] ?? 0), 0)] : "none"}">${S.all.length}</span></div></li>` + html(tree);
+  $("tree").innerHTML = `<li><div class="node${!S.filter.location ? " on" : ""}" data-path=""><span>All</span><span class="n ${S.all.length ? mark(S.all.reduce((m, r) => Math.max(m, level(r)), 0)) : "sev-none"}">${S.all.length}</span></div></li>` + html(tree);
 }
 
 function renderBanner() {
@@ -312,7 +327,7 @@ function connect() {
     window.__page.snapshotMs = performance.now();
     S.rows = new Map(d.alarms.map((r) => [r.name, r]));
     for (const r of d.alarms) dirty.add(r.name);
-    S.locations = d.locations; S.status = d.status; S.kpi = d.kpi; S.readOnly = d.readOnly;
+    S.locations = d.locations; S.tree = d.tree || {}; S.status = d.status; S.kpi = d.kpi; S.readOnly = d.readOnly;
     S.snapshotLoaded = true;
     if (d.shelveReasons) $("act-reason").innerHTML = d.shelveReasons.map((r) => `<option>${esc(r)}</option>`).join("");
     $("server").textContent = `web server ${d.server}` + (d.readOnly ? " \u00b7 read-only" : "");
@@ -323,6 +338,7 @@ function connect() {
     S.connected = true; S.lastMessage = Date.now();
     if (d.status) S.status = d.status;
     if (d.locations) { S.locations = d.locations; needSort = true; }
+    if (d.tree) { S.tree = d.tree; needSort = true; }
     if (d.kpi) { S.kpi = d.kpi; renderKpi(); }
     if (d.rows) {
       const now = Date.now();
