@@ -27,6 +27,10 @@ class Bridge:
         self.monitor = None
         self.partition_of: dict[str, int] = {}
         self.pending: dict[str, list] = {}  # PV -> states not sent yet, in order
+        self.sending: set[int] = set()  # partitions of the batch being sent
+        # PV -> partition, subscribed and no state reported yet: its value is not known here.
+        self.awaiting: dict[str, int] = {}
+        self.synced: set[int] = set()  # partitions whose subscriptions follow the table
         self.wake = asyncio.Event()
 
     def _mon(self):
@@ -40,6 +44,7 @@ class Bridge:
     def on_state(self, pv: str, state) -> None:
         if pv not in self.partition_of:
             return  # late event of a PV just dropped
+        self.awaiting.pop(pv, None)
         queued = self.pending.setdefault(pv, [])
         # Only an exact repeat (timestamps aside) is merged: a rule can read any value.
         if queued and _same(queued[-1], state):
@@ -62,24 +67,42 @@ class Bridge:
             enc = codec().encode
             outs = [Out("pv-state", pv.encode(), enc("pv-state", records.pv_state_datum(st)))
                     for pv, states in batch.items() for st in states]
-            await hot.send(outs)
+            self.sending = {self.partition_of[pv] for pv in batch if pv in self.partition_of}
+            try:
+                await hot.send(outs)
+            finally:
+                self.sending = set()
+
+    def held(self, partitions: set[int]) -> set[int]:
+        """Of these partitions, those whose PVs' news may still be on its way: states held
+        here or being sent, a PV subscribed whose first state has not come (bounded by
+        the connect grace), subscriptions not yet made after an assignment (a change
+        during a rebalance is only seen once resubscribed). Their alarms' timers wait
+        (deadlines.py)."""
+        held = self.sending | set(self.awaiting.values()) | (set(partitions) - self.synced)
+        return held | {self.partition_of[pv] for pv in self.pending if pv in self.partition_of}
 
     def add(self, pv: str, mask, partition: int) -> None:
+        if pv not in self.partition_of:
+            self.awaiting[pv] = partition
         self.partition_of[pv] = partition
         self._mon().subscribe(pv, frozenset(mask))
 
     def remove(self, pv: str) -> None:
         self.partition_of.pop(pv, None)
+        self.awaiting.pop(pv, None)
         if self.monitor is not None:
             self.monitor.unsubscribe(pv)
 
-    def sync(self, wanted: dict[str, tuple[list, int]]) -> None:
+    def sync(self, wanted: dict[str, tuple[list, int]], partitions: set[int]) -> None:
+        self.synced = set(partitions)
         for pv in set(self.partition_of) - set(wanted):
             self.remove(pv)
         for pv, (mask, partition) in wanted.items():
             self.add(pv, mask, partition)
 
     def revoke(self, partitions: set[int]) -> None:
+        self.synced -= partitions
         for pv, p in list(self.partition_of.items()):
             if p in partitions:
                 self.remove(pv)
@@ -90,6 +113,7 @@ def _same(a, b) -> bool:
 
 
 bridge = Bridge()
+hot.held = bridge.held
 
 
 @app.task
@@ -126,7 +150,7 @@ async def _resubscribe() -> None:
                if tp.topic == settings.topic("monitored-pvs")}
     wanted = {k.decode(): (v["mask"], v["partition"]) for k, v in monitored.items()
               if v and not is_fence(k) and v["partition"] in actives}
-    bridge.sync(wanted)
+    bridge.sync(wanted, actives)
     log.info("CA bridge: %d PV(s) subscribed for partitions %s", len(wanted), sorted(actives))
 
 

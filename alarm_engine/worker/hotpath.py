@@ -29,13 +29,16 @@ import collections
 import json
 import logging
 import os
+import random
 import time
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from alarm_engine.codec import BadRecord, RegistryUnavailable, decode_key
 from alarm_engine.config import Settings, hot_group
+from alarm_engine.deadlines import fireable
 from alarm_engine.engine import Out, dead_letter, in_send_order
+from alarm_engine.partitioning import partition_of
 from alarm_engine.pv_home import PVEntry, PVHome, decode_entry, encode_entry
 from alarm_engine.worker import health, watchdog
 from alarm_engine.worker.app import APP_ID, app, codec, pv_home, settings
@@ -51,6 +54,7 @@ BATCH_MAX = int(os.environ.get("ALARM_ENGINE_HOT_BATCH_MAX", "5000"))
 # A record that arrives is returned by the broker at once (fetch.min.bytes 1); the
 # wait only bounds an idle fetch, so it can be long: an idle worker does ~2 fetches/s.
 FETCH_MAX_WAIT_MS = 500
+PARTITION_CACHE_MAX = 1_000_000  # keys per topic; a facility has tens of thousands
 TRACE = os.environ.get("ALARM_ENGINE_TRACE", "") in ("1", "true", "yes")
 
 
@@ -83,6 +87,11 @@ class HotPath:
         self.group_committed: dict[TopicPartition, int] = {}
         self._committing = False
         self.deadlines: dict[str, tuple[int, str, int]] = {}  # alarm -> (partition, pv, when)
+        self._partitions: dict[str, dict[bytes, int]] = {}  # topic -> key -> partition
+        self._counts: dict[str, int] = {}  # topic -> partition count
+        self.stream_ms: dict[int, int] = {}  # partition -> latest pv-state record time applied
+        # Of the given partitions, those whose PV news the CA bridge may still hold (bridge.Bridge.held).
+        self.held = lambda partitions: set()
         self.lock = asyncio.Lock()
         self._starting = asyncio.Lock()
         self.records = 0
@@ -170,6 +179,7 @@ class HotPath:
         self.fenced.clear()
         self.group_committed.clear()
         self.deadlines.clear()
+        self.stream_ms.clear()
 
     def _read_fence(self, p: int) -> dict[str, int]:
         raw = self.store.get(p, fence_key(p))
@@ -278,6 +288,8 @@ class HotPath:
                 for name, when in e.deadlines().items():
                     self.deadlines[name] = (p, pv, when)
             seen.setdefault(p, {})[topic] = msgs[-1].offset
+            if topic == "pv-state" and msgs[-1].timestamp:
+                self.stream_ms[p] = max(self.stream_ms.get(p, -1), max(m.timestamp for m in msgs))
             health.metrics.records_read(topic, len(msgs), msgs[-1].timestamp / 1000 if msgs[-1].timestamp else None,
                                         time.time())
         self.records += sum(len(m) for m in data.values())
@@ -340,20 +352,23 @@ class HotPath:
 
     async def _send(self, outs: list[Out], items: dict[int, dict[bytes, bytes | None]]) -> dict[int, int]:
         """Send everything, wait once; retried as a whole (a record sent twice is harmless
-        on these topics, one lost is not) until SEND_RETRY_S, then exit for a restart."""
+        on these topics, one lost is not) until SEND_RETRY_S, then exit for a restart.
+        Returns the last offset written to each changelog partition."""
         delay, deadline = 0.2, time.monotonic() + SEND_RETRY_S
         changelog = self.store.changelog
         while True:
             try:
-                futs = [await self.producer.send(self.s.topic(o.topic), o.value, key=o.key) for o in outs]
-                cl = {p: [await self.producer.send(changelog, v, key=k, partition=p) for k, v in kv.items()]
-                      for p, kv in items.items()}
-                await asyncio.gather(*futs)
+                by_tp: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = {}
+                for o in outs:
+                    t = self.s.topic(o.topic)
+                    by_tp.setdefault((t, await self._partition(t, o.key)), []).append((o.key, o.value))
+                for p, kv in items.items():
+                    by_tp.setdefault((changelog, p), []).extend(kv.items())
+                last = await self._send_batches(by_tp)
                 health.metrics.records_sent(collections.Counter(o.topic for o in outs))
                 if items:
                     health.metrics.records_sent({"changelog": sum(len(kv) for kv in items.values())})
-                return {p: max((await asyncio.gather(*fs)), key=lambda md: md.offset).offset
-                        for p, fs in cl.items() if fs}
+                return {p: last[(changelog, p)] for p in items if (changelog, p) in last}
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -366,15 +381,62 @@ class HotPath:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
+    async def _partition(self, topic: str, key: bytes | None) -> int:
+        """murmur2(key) mod the partition count, as aiokafka's and Java's default partitioner,
+        computed once per key: a batch of a flood names the same alarms and PVs again."""
+        count = self._counts.get(topic)
+        if count is None:
+            count = self._counts[topic] = len(await self.producer.partitions_for(topic))
+        if key is None:  # the default partitioner's choice for no key: any partition
+            return random.randrange(count)
+        cache = self._partitions.setdefault(topic, {})
+        p = cache.get(key)
+        if p is None:
+            if len(cache) > PARTITION_CACHE_MAX:
+                cache.clear()
+            p = cache[key] = partition_of(key, count)
+        return p
+
+    async def _send_batches(self, by_tp: dict[tuple[str, int], list]) -> dict[tuple[str, int], int]:
+        """One record batch per partition (more if one fills up) instead of a send and a
+        future per record; one wait for all. Returns the last offset of each partition's records."""
+        sent = []
+        for (t, p), records in by_tp.items():
+            batch, n = self.producer.create_batch(), 0
+            for k, v in records:
+                if batch.append(key=k, value=v, timestamp=None) is None:  # full: send it, start another
+                    sent.append(((t, p), n, await self.producer.send_batch(batch, t, partition=p)))
+                    batch, n = self.producer.create_batch(), 0
+                    if batch.append(key=k, value=v, timestamp=None) is None:
+                        raise ValueError(f"a record of {len(v or b'')} bytes does not fit in a batch ({t})")
+                n += 1
+            if n:
+                sent.append(((t, p), n, await self.producer.send_batch(batch, t, partition=p)))
+        results = await asyncio.gather(*(f for _, _, f in sent))
+        last: dict[tuple[str, int], int] = {}
+        for (tp, n, _), md in zip(sent, results):
+            last[tp] = max(last.get(tp, -1), md.offset + n - 1)  # a batch's metadata: its first offset
+        return last
+
+    def _settled(self) -> set[int]:
+        """Partitions with no pv-state record waiting to be read (as of the last fetch)
+        or to come from the CA bridge (deadlines.py)."""
+        held = set(self.held(self.partitions))
+        settled = set()
+        for p in self.partitions:
+            high = self.consumer.highwater(TopicPartition(self.topic["pv-state"], p))
+            if high is not None and self.acked.get(p, {}).get("pv-state", -1) + 1 >= high and p not in held:
+                settled.add(p)
+        return settled
+
     async def _sweep(self, idle: bool) -> None:
         """Ticks for the per-PV alarms due now, through alarm-deps so that they are
         ordered with the PV's other records and replayed like them; and the fence of
         a partition that went quiet."""
         now = now_ms()
-        due = [(name, p, pv) for name, (p, pv, when) in self.deadlines.items() if when <= now]
+        due = [(name, *self.deadlines.pop(name)[:2])
+               for name in fireable(self.deadlines, now, self.stream_ms, self._settled())]
         if due:
-            for name, _, _ in due:
-                del self.deadlines[name]
             await self._send([Out("alarm-deps", pv.encode(), json.dumps({"alarm": name, "tick": now}).encode())
                               for name, p, pv in due], {})
         stale = {p: dict(a) for p, a in self.acked.items() if a and a != self.fenced.get(p)}
