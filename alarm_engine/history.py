@@ -161,7 +161,12 @@ def describe(e: dict) -> str:
     """One line of text for an entry (CLI and page)."""
     kind = e["kind"]
     if kind == "shown":
-        text = f"{e['state']} {e['severity']} {e['cause']}: {e['message']}"
+        # The acknowledgement state is part of what is shown: without it an ack reads as a repeat.
+        try:
+            ack = (json.loads(e["detail"] or "null") or {}).get("ackState") or ""
+        except (ValueError, AttributeError):
+            ack = ""
+        text = f"{e['state']}{' ' + ack if ack else ''} {e['severity']} {e['cause']}: {e['message']}"
     elif kind == "cleared":
         text = "cleared (back to normal)"
     else:

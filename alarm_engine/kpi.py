@@ -10,6 +10,9 @@ out; time is what the entries say. Definitions:
 - flood: a bucket with more than `flood_threshold` activations (10 per 10 minutes,
   per operator position: here per location, and overall); time in flood is the
   time those buckets cover.
+- locations: with the alarm-locations tree (`parents`, location -> parent), a
+  location's figures count its own alarms and those of every location under it,
+  as the summaries and `ack --location` do; without it, each location alone.
 - chattering: an alarm with `chatter_count` (3) or more activations within
   `chatter_window_ms` (1 minute).
 - fleeting: an activation cleared within `fleeting_ms` (1 s).
@@ -26,9 +29,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from alarm_engine.history import dedupe
+from alarm_engine.summaries import ancestors
 
 PRIORITY_GROUP = {"P1_LIFE": "high", "P2_PROPERTY": "medium", "P3_PRODUCTIVITY": "low", "P4_DIAGNOSTIC": "low"}
 TARGET_PCT = {"low": 80.0, "medium": 15.0, "high": 5.0}
@@ -151,15 +156,18 @@ def _period_kpis(entries: list[dict], start: int, end: int, cfg: KpiConfig) -> d
     }
 
 
-def compute(entries, start_ms: int, end_ms: int, cfg: KpiConfig = KpiConfig()) -> dict:
-    """KPIs over [start_ms, end_ms), overall and per location. Entries before the period
-    may be given (they tell what was standing at its start); copies are skipped."""
+def compute(entries, start_ms: int, end_ms: int, cfg: KpiConfig = KpiConfig(),
+            parents: Mapping[str, str | None] | None = None) -> dict:
+    """KPIs over [start_ms, end_ms), overall and per location (with `parents`, each
+    location rolled up with those under it). Entries before the period may be given
+    (they tell what was standing at its start); copies are skipped."""
     if end_ms <= start_ms:
         raise ValueError("the period must end after it starts")
     ordered = _ordered(entries)
     by_location: dict[str, list[dict]] = defaultdict(list)
     for e in ordered:
-        by_location[e["location"] or "(no location)"].append(e)
+        for loc in ancestors(parents or {}, e["location"] or "(no location)"):
+            by_location[loc].append(e)
     return {
         "start_ms": start_ms, "end_ms": end_ms, "config": asdict(cfg), "target_percent": TARGET_PCT,
         "overall": _period_kpis(ordered, start_ms, end_ms, cfg),
@@ -167,10 +175,12 @@ def compute(entries, start_ms: int, end_ms: int, cfg: KpiConfig = KpiConfig()) -
     }
 
 
-def recent_rate(entries, now_ms: int, cfg: KpiConfig = KpiConfig()) -> dict:
-    """Activations in the last bucket (sliding), overall and per location: the live flood indicator."""
+def recent_rate(entries, now_ms: int, cfg: KpiConfig = KpiConfig(),
+                parents: Mapping[str, str | None] | None = None) -> dict:
+    """Activations in the last bucket (sliding), overall and per location (rolled up
+    with `parents`): the live flood indicator."""
     start = now_ms - cfg.bucket_ms
-    k = compute(entries, start, now_ms + 1, cfg)
+    k = compute(entries, start, now_ms + 1, cfg, parents)
     per = {loc: v["activations"] for loc, v in k["locations"].items() if v["activations"]}
     total = k["overall"]["activations"]
     return {"window_ms": cfg.bucket_ms, "threshold": cfg.flood_threshold, "activations": total,

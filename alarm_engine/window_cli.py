@@ -120,7 +120,7 @@ async def cmd_kpi(args, settings) -> int:
     cfg = kpi.KpiConfig(flood_threshold=args.flood_threshold)
     # Entries from a day before the period tell what was standing at its start.
     entries = await history.read(settings, max(0, start - 86_400_000))
-    result = kpi.compute(entries, start, end, cfg)
+    result = kpi.compute(entries, start, end, cfg, await _location_tree(settings))
     if args.json:
         print(json.dumps(result, indent=1, sort_keys=True))
     else:

@@ -258,9 +258,19 @@ def screenshot(path: str) -> None:
         for k in range(3):
             common.run(common.produce(s, s.topic("pv-state"), states[k * 10:(k + 1) * 10]))
             time.sleep(1.5)
-        shelved = defs[3][0]
-        assert cli.main(["--topic-prefix", s.topic_prefix, "set-shelved", shelved, "--user", "alice",
-                         "--reason", "Maintenance", "--duration", "2h"]) == 0
+        def run_cli(*args):
+            assert cli.main(["--topic-prefix", s.topic_prefix, *args]) == 0, args
+
+        # The facility's tree (alarm-locations): areas above their sections.
+        for loc in LOCATIONS:
+            if "/" in loc:
+                top = loc.split("/")[0]
+                run_cli("set-location", top)
+                run_cli("set-location", loc, "--parent", top)
+        run_cli("set-shelved", defs[3][0], "--user", "alice", "--reason", "Maintenance", "--duration", "2h")
+        time.sleep(2)  # the last wave shown before the acknowledgements
+        # A few acknowledged by the operator: drawn dimmed, below the unacknowledged ones.
+        run_cli("ack", *(d[0] for d in defs[4:30:4]), "--user", "alice")
         web.start()
         time.sleep(6)  # one KPI refresh
         with sync_playwright() as p:

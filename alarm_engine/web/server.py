@@ -105,8 +105,9 @@ class WebApp:
     def live_kpi(self, now_ms: int | None = None) -> dict:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         entries = list(self.state.entries)
-        hour = kpi.compute(entries, now_ms - 3_600_000, now_ms + 1, self.cfg)["overall"]
-        return {"recent": kpi.recent_rate(entries, now_ms, self.cfg),
+        parents = dict(self.state.parents)
+        hour = kpi.compute(entries, now_ms - 3_600_000, now_ms + 1, self.cfg, parents)["overall"]
+        return {"recent": kpi.recent_rate(entries, now_ms, self.cfg, parents),
                 "lastHour": {k: hour[k] for k in ("activations", "rate_per_bucket", "priority_percent",
                                                   "chattering", "fleeting", "stale", "top", "shelving")},
                 "historyAvailable": bool(entries) or self.feed.kafka_ok}
@@ -247,7 +248,7 @@ class WebApp:
         self.need_read(request)
         now = int(time.time() * 1000)
         since = self._since(request, "1h")
-        return _json(kpi.compute(list(self.state.entries), since, now + 1, self.cfg))
+        return _json(kpi.compute(list(self.state.entries), since, now + 1, self.cfg, dict(self.state.parents)))
 
     async def shelve(self, request):
         user = self.need_write(request)

@@ -191,6 +191,12 @@ def test_page_shows_filters_shelves_and_clears(rig, capsys):
     assert shelves and shelves[0]["user"] == "op" and shelves[0]["host"] == "127.0.0.1"
     assert any(e["kind"] == "shown" and e["severity"] == "MAJOR" for e in entries)
     assert all(e["location"] == "Hall W/Bay 1" for e in entries)
+    # KPIs from the same history: Bay 1's activation counts in Hall W above it.
+    rig.cli("kpi", "--since", "10m", "--json")
+    k = json.loads(capsys.readouterr().out)
+    assert k["locations"]["Hall W/Bay 1"]["activations"] >= 1
+    assert k["locations"]["Hall W"]["activations"] == k["locations"]["Hall W/Bay 1"]["activations"]
+    assert k["locations"]["Hall W"]["top"][0]["alarm"] == "web pv"
 
     # Cleared: the row goes away.
     caput(pv, NORMAL)

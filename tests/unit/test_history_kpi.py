@@ -53,6 +53,14 @@ def test_entry_fields_and_schema():
     for x in (e, u, s, d):
         assert codec.decode("alarm-history", codec.encode("alarm-history", x)) == x
     assert "[by op from console1]" in history.describe(e)
+    # What is shown includes the acknowledgement state, so an ack is not read as a repeat.
+    datum = {"priority": "P2_PROPERTY", "state": "ACTIVE", "severity": "MINOR", "cause": "PV_ALARM",
+             "message": "m", "since": T0, "shelving": None, "ackState": "UNACK"}
+    shown_unack = history.entry("active-alarms", "a", datum, T0, 0, 1)
+    shown_ack = history.entry("active-alarms", "a", {**datum, "ackState": "ACK"}, T0 + 1, 0, 2)
+    assert history.describe(shown_unack).startswith("ACTIVE UNACK MINOR PV_ALARM: m")
+    assert history.describe(shown_ack).startswith("ACTIVE ACK MINOR")
+    assert history.describe(shown("b", T0)).startswith("ACTIVE MAJOR PV_ALARM")  # no ack state: none said
 
 
 def test_replay_copies_are_skipped_and_selection():
@@ -151,6 +159,30 @@ def test_recent_rate_flood_indicator_and_reports(tmp_path):
     out = tmp_path / "k.html"
     kpi.write_html(result, str(out))
     assert out.read_text().count("data:image/png;base64,") == 2
+
+
+def test_locations_roll_up_along_the_alarm_locations_tree():
+    # Hall W holds Bay 1 and Bay 2; Bay 1 holds Rack 3. Six alarms in Bay 1 and Rack 3 and
+    # six in Bay 2: no bay floods (threshold 10), the hall does (12 in one bucket).
+    parents = {"Bay 1": "Hall W", "Bay 2": "Hall W", "Rack 3": "Bay 1", "Hall W": None}
+    es = ([shown(f"r{i}", T0 + i * 1000, location="Rack 3") for i in range(3)]
+          + [shown(f"b{i}", T0 + i * 1000, location="Bay 1") for i in range(3)]
+          + [shown(f"c{i}", T0 + i * 1000, location="Bay 2", priority="P1_LIFE") for i in range(6)]
+          + [shown("x", T0, location="Elsewhere")])
+    r = kpi.compute(es, T0, T0 + 10 * MIN, parents=parents)
+    loc = r["locations"]
+    assert {k: v["activations"] for k, v in loc.items()} == {
+        "Rack 3": 3, "Bay 1": 6, "Bay 2": 6, "Hall W": 12, "Elsewhere": 1}
+    assert loc["Hall W"]["flood"]["buckets"] == 1 and loc["Bay 1"]["flood"]["buckets"] == 0
+    assert loc["Hall W"]["priority"] == {"P1_LIFE": 6, "P3_PRODUCTIVITY": 6}
+    assert r["overall"]["activations"] == 13  # each alarm once overall, whatever the tree
+    # Without the tree each location counts alone; the live indicator rolls up the same way.
+    assert kpi.compute(es, T0, T0 + 10 * MIN)["locations"]["Bay 1"]["activations"] == 3
+    live = kpi.recent_rate(es, T0 + 5 * MIN, parents=parents)
+    assert live["flooded_locations"] == ["Hall W"] and live["locations"]["Bay 1"] == 6
+    # A cycle in the tree does not count an alarm twice.
+    cyc = kpi.compute(es[:1], T0, T0 + MIN, parents={"Rack 3": "Bay 1", "Bay 1": "Rack 3"})
+    assert {k: v["activations"] for k, v in cyc["locations"].items()} == {"Rack 3": 1, "Bay 1": 1}
 
 
 def test_bad_period():
