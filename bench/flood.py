@@ -78,14 +78,14 @@ async def _run_baseline(s, start, n) -> float:
 
 
 def _profile(pid: int, seconds: float, out) -> subprocess.Popen | None:
-    """py-spy on a worker, if installed (bench extra)."""
+    """py-spy on a worker, if installed (bench extra): --gil, so the profile is CPU, not GIL waits."""
     import shutil
 
     spy = shutil.which("py-spy") or str(common.Path(sys.executable).parent / "py-spy")
     if not common.Path(spy).exists():
         return None
     return subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50",
-                             "--nonblocking", "-f", "raw", "-o", str(out)],
+                             "--nonblocking", "--gil", "-f", "raw", "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
