@@ -88,6 +88,7 @@ class HotPath:
         self._committing = False
         self.deadlines: dict[str, tuple[int, str, int]] = {}  # alarm -> (partition, pv, when)
         self._partitions: dict[str, dict[bytes, int]] = {}  # topic -> key -> partition
+        self._names: dict[str, str] = {}  # logical topic -> Kafka topic
         self._counts: dict[str, int] = {}  # topic -> partition count
         self.stream_ms: dict[int, int] = {}  # partition -> latest pv-state record time applied
         # Of the given partitions, those whose PV news the CA bridge may still hold (bridge.Bridge.held).
@@ -359,9 +360,12 @@ class HotPath:
         while True:
             try:
                 by_tp: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = {}
+                names, counts = self._names, self._counts
                 for o in outs:
-                    t = self.s.topic(o.topic)
-                    by_tp.setdefault((t, await self._partition(t, o.key)), []).append((o.key, o.value))
+                    t = names.get(o.topic) or names.setdefault(o.topic, self.s.topic(o.topic))
+                    if t not in counts:  # once per topic: the rest of the loop does not wait
+                        counts[t] = len(await self.producer.partitions_for(t))
+                    by_tp.setdefault((t, self._partition(t, o.key)), []).append((o.key, o.value))
                 for p, kv in items.items():
                     by_tp.setdefault((changelog, p), []).extend(kv.items())
                 last = await self._send_batches(by_tp)
@@ -381,12 +385,11 @@ class HotPath:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    async def _partition(self, topic: str, key: bytes | None) -> int:
-        """murmur2(key) mod the partition count, as aiokafka's and Java's default partitioner,
-        computed once per key: a batch of a flood names the same alarms and PVs again."""
-        count = self._counts.get(topic)
-        if count is None:
-            count = self._counts[topic] = len(await self.producer.partitions_for(topic))
+    def _partition(self, topic: str, key: bytes | None) -> int:
+        """murmur2(key) mod the partition count (known: `_send` reads it first), as aiokafka's
+        and Java's default partitioner, computed once per key: a batch of a flood names the
+        same alarms and PVs again."""
+        count = self._counts[topic]
         if key is None:  # the default partitioner's choice for no key: any partition
             return random.randrange(count)
         cache = self._partitions.setdefault(topic, {})

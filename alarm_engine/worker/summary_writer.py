@@ -51,6 +51,9 @@ class SummaryWriter:
         """Forget the followed state (before reading the topics again from their beginnings)."""
         self.locations: dict[str, str] = {}  # alarm -> location
         self.active: dict[str, dict] = {}  # alarm -> active-alarms record
+        # alarm -> its latest active-alarms value, not yet decoded: a flood rewrites one alarm
+        # many times between two computations, and only the latest counts.
+        self.undecoded: dict[str, bytes] = {}
         self.parents: dict[str, str | None] = {}  # location -> parent
         self.published: dict[str, dict] = {}  # location -> summary, as alarm-summaries holds it
         self.refused: list[tuple[object, str]] = []  # (alarm-locations record, reason): dead letters to write
@@ -60,6 +63,8 @@ class SummaryWriter:
         """One record of a followed topic (a tombstone: datum None). A location whose parent
         would close a cycle of the tree is not applied; `record` (the Kafka record) is kept
         for a dead letter."""
+        if topic == "active-alarms":
+            self.undecoded.pop(key, None)  # this value is newer than one not decoded yet
         if topic == "alarms":
             if datum is None:
                 self.dirty |= self.locations.pop(key, None) is not None
@@ -94,9 +99,30 @@ class SummaryWriter:
                 self.published[key] = datum
             self.dirty = True
 
-    async def due(self) -> list[tuple[str, dict | None]]:
+    def apply_raw(self, key: str, value: bytes) -> None:
+        """An active-alarms value as read: decoded by `decode_pending`, only if it is still
+        the latest of its alarm then."""
+        self.undecoded[key] = value
+        self.dirty = True
+
+    def decode_pending(self, decode) -> None:
+        """Decodes the latest undecoded value of each alarm (`decode(raw) -> dict`). A value that
+        does not decode (the engine wrote it, so it should not happen) is skipped: the alarm
+        keeps what it showed before, as a skipped record would have left it."""
+        from alarm_engine.codec import BadRecord
+
+        pending, self.undecoded = self.undecoded, {}
+        for key, raw in pending.items():
+            try:
+                self.apply("active-alarms", key, decode(raw))
+            except BadRecord as e:
+                log.debug("alarm-summaries: skipped an active-alarms value of %r: %s", key, e)
+
+    async def due(self, decode=None) -> list[tuple[str, dict | None]]:
         """The records to write now (the state is marked clean). Computed in a thread on copies,
         so that a large fleet's recomputation never holds the worker's event loop."""
+        if self.undecoded:
+            self.decode_pending(decode)
         self.dirty = False
         locations, active, parents, published = (dict(self.locations), dict(self.active),
                                                  dict(self.parents), dict(self.published))
@@ -172,7 +198,11 @@ class SummaryWriter:
                     topic = logical[tp.topic]
                     for m in msgs:
                         try:
-                            self.apply(topic, decode_key(m.key), codec.decode(topic, m.value), m)
+                            key = decode_key(m.key)
+                            if topic == "active-alarms" and m.value is not None:
+                                self.apply_raw(key, m.value)  # decoded when summaries are due
+                                continue
+                            self.apply(topic, key, codec.decode(topic, m.value), m)
                         except BadRecord as e:  # the engine dead-letters its inputs; skip here
                             log.debug("alarm-summaries: skipped %s[%d]@%d: %s", tp.topic, m.partition, m.offset, e)
                     if msgs and msgs[-1].offset + 1 >= end[tp]:
@@ -183,7 +213,7 @@ class SummaryWriter:
                 if behind or not self.dirty or loop.time() < next_write:
                     continue
                 started = loop.time()
-                records = await self.due()
+                records = await self.due(lambda raw: codec.decode("active-alarms", raw))
                 # At least interval_s apart, and at most a fifth of the time spent computing.
                 next_write = loop.time() + max(self.interval_s, 4 * (loop.time() - started))
                 futures = [await producer.send(out_topic, key=loc.encode(),

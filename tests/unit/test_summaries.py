@@ -110,3 +110,36 @@ def test_a_location_closing_a_cycle_is_refused_not_applied():
     assert w.refused == [("r3", "location 'Site': parent 'Hall' would make a cycle: Site -> Hall -> Site")]
     w.apply("alarm-locations", "Hall", None, "r4")  # a tombstone never closes a cycle
     assert w.parents == {"Site": None} and len(w.refused) == 1
+
+
+def test_the_writer_decodes_only_the_latest_active_alarms_value_of_an_alarm():
+    import asyncio
+    import json
+
+    from alarm_engine.codec import BadRecord
+    from alarm_engine.config import Settings
+    from alarm_engine.worker.summary_writer import SummaryWriter
+
+    decoded = []
+
+    def decode(raw):
+        decoded.append(raw)
+        if raw == b"bad":
+            raise BadRecord("not Avro")
+        return json.loads(raw)
+
+    w = SummaryWriter(Settings())
+    w.apply("alarm-locations", "Site", {"parent": None, "description": ""})
+    w.apply("alarms", "a", {"location": "Site"})
+    w.apply("alarms", "b", {"location": "Site"})
+    for sev in ("MINOR", "MAJOR", "MINOR", "MAJOR"):  # a flood: four values, one decoded
+        w.apply_raw("a", json.dumps(shown(sev)).encode())
+    w.apply_raw("b", json.dumps(shown("MINOR")).encode())
+    w.apply("active-alarms", "b", None)  # a tombstone after it: b's value is never decoded
+    first = asyncio.run(w.due(decode))
+    assert decoded == [json.dumps(shown("MAJOR")).encode()]
+    assert [(loc, s["level"]) for loc, s in first] == [("Site", "MAJOR")] and "b" not in w.active
+    for loc, s in first:
+        w.apply("alarm-summaries", loc, s)
+    w.apply_raw("a", b"bad")  # skipped: the alarm keeps what it showed
+    assert asyncio.run(w.due(decode)) == [] and w.active["a"]["severity"] == "MAJOR"
