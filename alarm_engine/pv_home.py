@@ -79,6 +79,10 @@ class PVEntry:
         return out
 
 
+# Built once: json.dumps with separators builds an encoder per call (a sixth of the time here).
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode_entry(e: PVEntry) -> bytes:
     alarms = {}
     for name, st in e.alarms.items():
@@ -88,7 +92,7 @@ def encode_entry(e: PVEntry) -> bytes:
     j = {"o": e.offsets, "latest": e.latest, "rules": e.rules, "alarms": alarms, "released": e.released}
     if e.children:
         j["children"] = e.children
-    return json.dumps(j, separators=(",", ":")).encode()
+    return _COMPACT.encode(j).encode()
 
 
 def decode_entry(pv: str, raw: bytes | None) -> PVEntry:

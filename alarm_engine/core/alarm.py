@@ -249,7 +249,7 @@ Event = Union[
 
 def _connection_cause(defn: AlarmDef, inputs: Mapping[str, PVState]) -> AlarmCause | None:
     lost, never = [], []
-    for pv in sorted(defn.pvs()):
+    for pv in defn.sorted_pvs():
         st = inputs.get(pv)
         if st is not None and st.connection is Connection.DISCONNECTED:
             lost.append(pv)

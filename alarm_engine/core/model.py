@@ -102,6 +102,9 @@ class AlarmDef:
     _filter_rule: "Rule | None" = field(default=None, init=False, repr=False, compare=False)
     # True when no management field changes evaluation: step() may skip that work.
     _plain: bool = field(default=True, init=False, repr=False, compare=False)
+    # pvs() once: the step asks for it on every event of the alarm.
+    _pvs: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
+    _sorted_pvs: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -136,6 +139,10 @@ class AlarmDef:
             object.__setattr__(self, "_filter_rule", parse(self.filter))
         plain = not (self.latching or self.delay_ms or self.off_delay_ms or self.filter is not None)
         object.__setattr__(self, "_plain", plain)
+        pvs = (frozenset((self.pv,)) if self.kind == "pv" else
+               self._rule.pvs if self.kind == "rule" else frozenset())
+        object.__setattr__(self, "_pvs", pvs)
+        object.__setattr__(self, "_sorted_pvs", tuple(sorted(pvs)))
 
     @classmethod
     def for_pv(cls, name: str, pv: str, priority: str, **metadata: str) -> "AlarmDef":
@@ -174,11 +181,11 @@ class AlarmDef:
 
     def pvs(self) -> frozenset[str]:
         """Names of the PVs this alarm depends on."""
-        if self.kind == "pv":
-            return frozenset((self.pv,))
-        if self.kind == "rule":
-            return self._rule.pvs
-        return frozenset()
+        return self._pvs
+
+    def sorted_pvs(self) -> tuple[str, ...]:
+        """pvs() in name order."""
+        return self._sorted_pvs
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ everything it does not take."""
 from __future__ import annotations
 
 import io
+import math
 import string
 import struct
 
@@ -92,7 +93,18 @@ def test_same_bytes_and_datums_as_fastavro(name, data):
     if write is not None:
         assert write(b"\x00HEAD", datum) == b"\x00HEAD" + body
     if read is not None:
-        assert read(b"\x00HEAD" + body, 5) == fa_read(schema, body)
+        assert _nan_free(read(b"\x00HEAD" + body, 5)) == _nan_free(fa_read(schema, body))
+
+
+def _nan_free(v):
+    """The datum with NaN made comparable (a flipped byte of a double may give one; NaN != NaN)."""
+    if isinstance(v, float) and math.isnan(v):
+        return "NaN"
+    if isinstance(v, dict):
+        return {k: _nan_free(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_nan_free(x) for x in v]
+    return v
 
 
 @pytest.mark.parametrize("name", ["pv-state-value", "active-alarms-value", "alarm-summaries-value"])
@@ -115,7 +127,7 @@ def test_a_damaged_body_is_read_as_fastavro_reads_it_or_left_to_fastavro(name, d
         mine = compile_reader(schema)(body, 0)
     except READ_ERRORS:
         return  # the codec then asks fastavro, which decides
-    assert mine == fa_read(schema, body)
+    assert _nan_free(mine) == _nan_free(fa_read(schema, body))
 
 
 def test_the_writer_leaves_any_other_datum_to_fastavro():
