@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=FIGURES, action="append", help="run only this figure (repeatable)")
     ap.add_argument("--quick", action="store_true", help="small scale smoke run (minutes, not for the numbers)")
     ap.add_argument("--profile", action="store_true", help="py-spy the worker during the flood "
-                                                           "(bench/results/profile-flood1.txt)")
+                                                           "(bench/results/profile-flood1.txt) and the idle "
+                                                           "window (profile-idle.txt)")
     ap.add_argument("--flood-records", type=int, help="pv-state records of the flood and fleet figures "
                                                       "(default 100000)")
     ap.add_argument("--restart-alarms", type=int, help="alarms and monitored PVs of the restart figure "
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         "restart": lambda: restart.run(args.quick),
         "fanin": lambda: fanin.run(args.quick, ca_port),
         "fleet": lambda: flood.run_fleet(args.quick),
-        "idle": lambda: idle.run(args.quick, ca_port),
+        "idle": lambda: idle.run(args.quick, ca_port, args.profile),
         "apply": lambda: apply_figure.run(args.quick),
         "web": lambda: __import__("bench.web").web.run(args.quick),  # the page in chromium (bench/web.py)
         "failover": lambda: failover.run(args.quick),

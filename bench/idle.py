@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import time
 
@@ -38,7 +39,20 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run(quick: bool, ca_port: int) -> dict:
+def _profile(pid: int, seconds: float, out) -> subprocess.Popen | None:
+    """py-spy on the idle worker, if installed (bench extra). Not --gil: an idle worker
+    hardly holds the GIL; the samples of its running threads show what wakes it."""
+    import shutil
+
+    spy = shutil.which("py-spy") or str(common.Path(sys.executable).parent / "py-spy")
+    if not common.Path(spy).exists():
+        return None
+    return subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200",
+                             "--nonblocking", "-f", "raw", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run(quick: bool, ca_port: int, profile: bool = False) -> dict:
     window = 20.0 if quick else WINDOW_S
     s = common.settings_for("idle")
     asyncio.run(ensure_topics(s))
@@ -53,8 +67,11 @@ def run(quick: bool, ca_port: int) -> dict:
         common.wait_until(lambda: (w.check() or any("hot path: partitions" in x for x in w.lines))
                           and any(x == "ready" for x in bare.lines), 120, "the worker to own its partitions")
         time.sleep(10)  # start-up work (recovery, first commits) done
+        spy = _profile(w.pid, window, common.RESULTS / "profile-idle.txt") if profile else None
         w0, b0, t0 = cpu_s(w.pid), cpu_s(bare.pid), time.monotonic()
         time.sleep(window)
+        if spy is not None:
+            spy.wait(30)
         w.check()
         w1, b1, t1 = cpu_s(w.pid), cpu_s(bare.pid), time.monotonic()
     finally:
