@@ -3,10 +3,12 @@
 It runs as a task in every worker (`install`), with plain aiokafka clients in a
 consumer group of its own, so a fleet shares its input partitions and it never
 touches the engine's agents or their consumer. Each batch is written, Kafka's
-acknowledgements awaited, and only then its input offsets committed: a crash
-replays at most the uncommitted batch, and the copies it writes carry the same
-source (topic, partition, offset) as the first ones, so readers skip them
-(alarm_engine.history.dedupe).
+acknowledgements awaited, and only then its input offsets committed (at most once a
+second while records flow): a crash replays at most the uncommitted second, and the
+copies it writes carry the same source (topic, partition, offset) as the first ones,
+so readers skip them (alarm_engine.history.dedupe). Its consumer waits for up to
+0.5 s of records (fetch_min_bytes) instead of a fetch per record: history is not
+the operator's live view, and each fetch is a request.
 
 The alarms' locations come from the alarms topic, read in full (no group) and
 followed, so an entry carries the location its alarm had when it was written.
@@ -27,6 +29,7 @@ from alarm_engine.config import Settings
 log = logging.getLogger(__name__)
 
 INPUTS = tuple(history.SOURCES)
+COMMIT_S = 1.0
 
 
 def enabled(env=None) -> bool:
@@ -92,6 +95,7 @@ class HistoryWriter:
         logical = {s.topic(t): t for t in INPUTS}
         consumer = AIOKafkaConsumer(*logical, **s.kafka_kwargs(), group_id=group_id(s),
                                     enable_auto_commit=False, auto_offset_reset="earliest",
+                                    fetch_min_bytes=1 << 20, fetch_max_wait_ms=500,
                                     partition_assignment_strategy=(RoundRobinPartitionAssignor,))
         producer = AIOKafkaProducer(**s.kafka_kwargs(), acks="all", linger_ms=5)
         try:
@@ -99,11 +103,13 @@ class HistoryWriter:
             await _start(producer)
             await _start(consumer)
             out_topic = s.topic(history.TOPIC)
+            loop = asyncio.get_running_loop()
+            commit, next_commit = {}, 0.0
             while True:
                 if defs_task.done():
                     defs_task.result()  # its failure restarts the writer
                 batch = await consumer.getmany(timeout_ms=500, max_records=500)
-                futures, commit = [], {}
+                futures = []
                 for tp, msgs in batch.items():
                     topic = logical[tp.topic]
                     for m in msgs:
@@ -125,8 +131,11 @@ class HistoryWriter:
                 if futures:
                     await asyncio.gather(*futures)
                     self.written += len(futures)
-                if commit:
+                # Offsets after the entries are acknowledged; at most every COMMIT_S while
+                # records flow (a Kafka request each), at once when the input is quiet.
+                if commit and (not batch or loop.time() >= next_commit):
                     await consumer.commit(commit)
+                    commit, next_commit = {}, loop.time() + COMMIT_S
         finally:
             defs_task.cancel()
             await asyncio.gather(defs_task, return_exceptions=True)

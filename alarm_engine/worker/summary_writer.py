@@ -154,9 +154,11 @@ class SummaryWriter:
         codec = await asyncio.to_thread(make_codec, s)
         await asyncio.to_thread(codec.schema_id, SUMMARY_TOPIC)  # registers the schema once
         logical = {s.topic(t): t for t in FOLLOWED}
-        # fetch_max_wait_ms: a record still comes at once; a quiet topic costs fewer round trips.
+        # Up to 0.5 s of records per fetch (summaries are computed at most every interval_s
+        # anyway) rather than a fetch, a Kafka request, per active-alarms record.
         follower = AIOKafkaConsumer(**s.kafka_kwargs(), group_id=None, enable_auto_commit=False,
-                                    auto_offset_reset="earliest", fetch_max_wait_ms=2000)
+                                    auto_offset_reset="earliest", fetch_min_bytes=1 << 20,
+                                    fetch_max_wait_ms=500)
         lease = AIOKafkaConsumer(s.topic(SUMMARY_TOPIC), **s.kafka_kwargs(), group_id=group_id(s),
                                  enable_auto_commit=False, auto_offset_reset="latest", fetch_max_wait_ms=2000,
                                  session_timeout_ms=10_000, heartbeat_interval_ms=2_000)
