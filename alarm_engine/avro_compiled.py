@@ -18,7 +18,8 @@ Both directions only take the plain case and give up on anything else:
   bad union branch, for the same reason.
 
 Schemas the compiler does not cover (logical types, a union where the branch depends on
-more than the Python type, fixed, recursion) compile to None: fastavro is used.
+more than the Python type, an enum's symbols or a record's field names, fixed, recursion)
+compile to None: fastavro is used.
 Property tests compare both functions with fastavro on generated data
 (tests/unit/test_avro_compiled.py).
 """
@@ -139,28 +140,46 @@ def _kind(schema: Any) -> str:
     return schema["type"]
 
 
-# Which Python type a branch takes in the writer: a union is compiled only when each branch
-# is chosen by the datum's exact type, in the order fastavro tries them.
+# Which Python type a branch takes in the writer.
 _PY_TYPE = {"null": "NoneType", "boolean": "bool", "int": "int", "long": "int", "float": "float",
             "double": "float", "string": "str", "bytes": "bytes", "enum": "str", "record": "dict",
             "array": "list", "map": "dict"}
 
 
-def _union_branches(g: _Gen, schema: list) -> list[tuple[int, Any, str]]:
-    branches, taken = [], set()
+def _union_branches(g: _Gen, schema: list) -> list[tuple[int, Any, str, str]]:
+    """(index, branch, kind, test) per branch, the tests tried in order: each is true only
+    for datums fastavro's writer would write with that branch. fastavro takes the first
+    branch a datum validates against, except that among records it takes the one sharing
+    the most fields with the datum; here a record is chosen by exactly its field names."""
+    branches, taken, records = [], set(), []
     for i, b in enumerate(schema):
         b = g.resolve(b)
         kind = _kind(b)
         if kind not in _PY_TYPE:
             raise _Unsupported(f"union branch {kind}")
         py = _PY_TYPE[kind]
-        # fastavro's writer takes the first branch a datum validates against: an int also
-        # validates as float/double, so a float branch before an int one, or two branches of
-        # one Python type, would make the choice depend on more than the type.
-        if py in taken or (py == "int" and "float" in taken):
+        if kind == "enum":
+            test = f"{{v}}.__class__ is str and {{v}} in {g.const(frozenset(b['symbols']), 'K')}"
+        elif kind == "record":
+            names = frozenset(f["name"] for f in b["fields"])
+            # A record whose fields are a subset of another's could tie with it in
+            # fastavro's count (the other's extra fields defaulted): not covered.
+            if any(names <= other or other <= names for other in records):
+                raise _Unsupported("records of a union that share their fields")
+            records.append(names)
+            test = f"{{v}}.__class__ is dict and {{v}}.keys() == {g.const(names, 'K')}"
+        elif py == "NoneType":
+            test = "{v} is None"
+        else:
+            test = f"{{v}}.__class__ is {py}"
+        # An int also validates as float/double; a map takes any dict a record would. Two
+        # branches of one type otherwise are tried in fastavro's order (a datum the first
+        # one's writer refuses falls back to fastavro as a whole).
+        if (py == "int" and "float" in taken) or (kind in ("map", "record") and "map" in taken) \
+                or (kind == "map" and records):
             raise _Unsupported("ambiguous union")
-        taken.add(py)
-        branches.append((i, b, kind))
+        taken.add("map" if kind == "map" else py)
+        branches.append((i, b, kind, test))
     return branches
 
 
@@ -223,10 +242,8 @@ def _write(g: _Gen, schema: Any, v: str, depth: int) -> None:
         g.emit(depth, "b.append(0)")
     elif kind == "union":
         first = True
-        for i, b, bkind in _union_branches(g, schema):
-            py = _PY_TYPE[bkind]
-            test = f"{v} is None" if py == "NoneType" else f"{v}.__class__ is {py}"
-            g.emit(depth, f"{'if' if first else 'elif'} {test}:")
+        for i, b, bkind, test in _union_branches(g, schema):
+            g.emit(depth, f"{'if' if first else 'elif'} {test.format(v=v)}:")
             g.emit(depth + 1, f"b += {_varint(i)!r}")
             _write(g, b, v, depth + 1)
             first = False
