@@ -274,10 +274,16 @@ class Released:
     move: int
 
 
-def _control_out(alarm: str, st: AlarmState, ts_ms: int, children: list[str] = ()) -> Out:
-    """A per-PV alarm's operator records, for its PV's home, as of `ts_ms`."""
+def _control_out(alarm: str, st: AlarmState, ts_ms: int, children: list[str] = (),
+                 arrive: bool = False) -> Out:
+    """A per-PV alarm's operator records, for its PV's home, as of `ts_ms`. `arrive`: the
+    alarm moves to the home with this record, which then publishes what it shows even if
+    it had the alarm already (a replay here may have published over it meanwhile)."""
+    control = control_fields(st, children)
+    if arrive:
+        control["arrive"] = True
     return Out("alarm-deps", st.definition.pv.encode(),
-               _json({"alarm": alarm, "control": control_fields(st, children), "ts": ts_ms}))
+               _json({"alarm": alarm, "control": control, "ts": ts_ms}))
 
 
 def _parent(d: AlarmDef | None) -> str | None:
@@ -306,6 +312,16 @@ class AlarmProcessor:
         self.codec = codec
         self.table = table
         self.deadlines: dict[str, int] = {}  # alarm -> when to tick (this worker's alarms)
+        # Alarms handled since this processor started (or since the last rebalance). The
+        # first record of an alarm after that publishes what it shows here even if the
+        # restored state says that is unchanged: before a crash, records read again now
+        # may have been handled in another order across topics, and what was published
+        # then is not in the restored state.
+        self.confirmed: set[str] = set()
+
+    def forget(self) -> None:
+        """After a rebalance: the partitions' records may have been handled elsewhere."""
+        self.confirmed.clear()
 
     def event_for(self, topic: str, key: str, value: bytes | None, ts_ms: int):
         """Decode and validate one input record into a core event."""
@@ -334,7 +350,8 @@ class AlarmProcessor:
             return DisableSet(None if datum is None else records.disable(key, datum, ts_ms))
         raise BadRecord(f"{topic} is not an alarm input")
 
-    def handle(self, topic: str, key: str, value: bytes | None, ts_ms: int) -> list[Out]:
+    def handle(self, topic: str, key: str, value: bytes | None, ts_ms: int,
+               now_ms: int | None = None) -> list[Out]:
         """Where an alarm is evaluated: here (rule and external alarms, and per-PV alarms
         with a filter or a maskedBy parent), at its PV's home (other per-PV alarms: this side
         keeps and forwards their operator records), or nowhere while it moves away from a
@@ -382,8 +399,12 @@ class AlarmProcessor:
                         out.append(_control_out(key, new, ts_ms, children))
                 else:
                     # Numbered, so that a stale answer to an earlier release (sent again
-                    # by a replay at the home) is not taken for the answer to this one.
-                    move = max(ts_ms, move + 1)
+                    # by a replay at the home) is not taken for the answer to this one. By
+                    # the time of handling (`now_ms`), not the record's: when this partition
+                    # replays the release after a crash, the first pass's answer must not
+                    # count either, since the home has yet to see what the replay sent
+                    # before the release.
+                    move = max(ts_ms if now_ms is None else now_ms, move + 1)
                     out.append(Out("alarm-deps", pv.encode(),
                                    _json({"alarm": key, "control": None, "ts": ts_ms, "move": move})))
                     releasing = pv
@@ -401,6 +422,11 @@ class AlarmProcessor:
                     out += masking_outs(key, children, masks_children(new.shown))
         if isinstance(event, DefinitionSet):
             out[:0] = self._dependency_changes(key, old.definition, new.definition)
+        if key not in self.confirmed:
+            self.confirmed.add(key)
+            here = releasing is None and not at_pv_home(new.definition)
+            if here and not any(o.topic == "active-alarms" and o.key == key.encode() for o in out):
+                out.insert(0, self._shown_out(key, new))  # before what this record makes follow
         if (new != old or releasing != (raw or {}).get("releasing") or move != (raw or {}).get("move", 0)
                 or children != old_children):
             if is_empty(new) and releasing is None and not children:
@@ -425,7 +451,7 @@ class AlarmProcessor:
         """From now on the alarm is evaluated where its definition says; that place
         publishes what it shows at once, even nothing, over whatever was shown before."""
         if at_pv_home(st.definition):
-            out.append(_control_out(key, st, ts_ms, children)._replace(handover=True))
+            out.append(_control_out(key, st, ts_ms, children, arrive=True)._replace(handover=True))
             # Evaluated at the home: nothing of its own evaluation is kept here.
             return evaluation_reset(st)
         st = step(st, Tick(), ts_ms)

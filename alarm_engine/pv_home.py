@@ -196,6 +196,7 @@ class PVHome:
             ack = Ack(**control["ack"]) if control.get("ack") else None
             disable = Disable(**control["disable"]) if control.get("disable") else None
             children = [str(c) for c in control.get("children") or ()]
+            arrive = control.get("arrive", False) is True
         except (TypeError, ValueError, KeyError) as err:
             raise BadRecord(f"alarm-deps control of {alarm}: {err}") from None
         if defn.kind != "pv" or defn.pv != pv or defn.name != alarm:
@@ -216,10 +217,12 @@ class PVHome:
         else:
             e.children.pop(alarm, None)
         out = []
-        if old is None or st.shown != old.shown:
-            # New here (defined, or moved in): whatever was shown before is overwritten.
+        if old is None or arrive or st.shown != old.shown:
+            # New here (defined, or moved in): whatever was shown before is overwritten. Also
+            # when the alarm was here already: its partition, replaying the records before
+            # this move after a crash, may have published over what this home shows.
             out.append(_shown_out(self.codec, alarm, st))
-        if old is None or children != before:
+        if old is None or arrive or children != before:
             out += masking_outs(alarm, children, masks_children(st.shown))
         elif st.shown != old.shown:
             out += _masking_changes(alarm, old, st, e)

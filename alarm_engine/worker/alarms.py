@@ -21,9 +21,10 @@ def processor() -> AlarmProcessor:
 
 
 def _alarm_outputs(topic: str, key: str, value: bytes | None, msg) -> list[Out]:
-    # Record time, not wall-clock time: a replay decides as the first pass did.
+    # Record time, not wall-clock time: a replay decides as the first pass did. The time of
+    # handling only numbers a release (engine.AlarmProcessor.handle).
     ts = int(msg.timestamp * 1000) if msg.timestamp else now_ms()
-    return processor().handle(topic, key, value, ts)
+    return processor().handle(topic, key, value, ts, now_ms())
 
 
 @app.agent(alarm_keyed_in, concurrency=1)
@@ -49,4 +50,5 @@ async def _drop_timers(sender, revoked, **kwargs) -> None:
     if _processor is not None and any(tp.topic == settings.topic("alarms") for tp in revoked):
         # Rebuilt from the table for the partitions kept, on recovery.
         _processor.deadlines.clear()
+        _processor.forget()
 
