@@ -122,6 +122,24 @@ def source(e: dict) -> tuple[str, int, int]:
     return e["sourceTopic"], e["partition"], e["offset"]
 
 
+class Repeats:
+    """Which active-alarms values repeat what their alarm showed before (as far as this
+    reader has seen): the engine publishes an alarm's value again after a restart or a
+    hand-over, which is no change of what it shows and gets no history entry."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, dict | None] = {}
+
+    def repeat(self, key: str, datum: dict | None) -> bool:
+        if key in self._last and self._last[key] == datum:
+            return True
+        self._last[key] = datum
+        return False
+
+    def forget(self) -> None:
+        self._last.clear()
+
+
 def dedupe(entries: Iterable[dict]) -> list[dict]:
     """The entries without the copies a replay wrote (same source record), in order."""
     seen: set[tuple[str, int, int]] = set()

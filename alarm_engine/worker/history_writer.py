@@ -105,10 +105,15 @@ class HistoryWriter:
             out_topic = s.topic(history.TOPIC)
             loop = asyncio.get_running_loop()
             commit, next_commit = {}, 0.0
+            repeats = history.Repeats()  # per run: a restart may write one repeat per alarm
+            assigned: set = set()
             while True:
                 if defs_task.done():
                     defs_task.result()  # its failure restarts the writer
                 batch = await consumer.getmany(timeout_ms=500, max_records=500)
+                if consumer.assignment() != assigned:  # a rebalance: another writer may have
+                    assigned = set(consumer.assignment())  # written these partitions' entries
+                    repeats.forget()
                 futures = []
                 for tp, msgs in batch.items():
                     topic = logical[tp.topic]
@@ -121,6 +126,8 @@ class HistoryWriter:
                                 datum = codec.decode(topic, m.value)
                         except BadRecord as e:
                             log.warning("alarm-history: skipped %s[%d]@%d: %s", tp.topic, m.partition, m.offset, e)
+                            continue
+                        if topic == "active-alarms" and repeats.repeat(key, datum):
                             continue
                         e = history.entry(topic, key, datum, m.timestamp, m.partition, m.offset,
                                           headers=m.headers, definition=self.definitions.get(key))

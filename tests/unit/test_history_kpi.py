@@ -188,3 +188,14 @@ def test_locations_roll_up_along_the_alarm_locations_tree():
 def test_bad_period():
     with pytest.raises(ValueError):
         kpi.compute([], T0, T0)
+
+
+def test_a_value_published_again_is_no_new_history_entry():
+    r = history.Repeats()
+    active = {"state": "ACTIVE", "severity": "MAJOR"}
+    assert not r.repeat("a", active) and r.repeat("a", dict(active))  # the engine's republish
+    assert not r.repeat("a", None) and r.repeat("a", None)
+    assert not r.repeat("b", None)  # never seen: written (it may clear what another reader saw)
+    assert not r.repeat("a", active)
+    r.forget()  # a rebalance: what this reader saw may be old
+    assert not r.repeat("a", active)
