@@ -36,8 +36,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=FIGURES, action="append", help="run only this figure (repeatable)")
     ap.add_argument("--quick", action="store_true", help="small scale smoke run (minutes, not for the numbers)")
     ap.add_argument("--profile", action="store_true", help="py-spy the worker during the flood "
-                                                           "(bench/results/profile-flood1.txt) and the idle "
-                                                           "window (profile-idle.txt)")
+                                                           "(bench/results/profile-flood1.txt), the idle "
+                                                           "window (profile-idle.txt) and the restarts "
+                                                           "(profile-restart-cold/warm.txt)")
     ap.add_argument("--flood-records", type=int, help="pv-state records of the flood and fleet figures "
                                                       "(default 100000)")
     ap.add_argument("--restart-alarms", type=int, help="alarms and monitored PVs of the restart figure "
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
         "flood-rule": lambda: flood.run_single(args.quick, kind="rule"),
         "flood-mixed": lambda: flood.run_single(args.quick, kind="mixed"),
         "latency": lambda: latency.run(args.quick, ca_port),
-        "restart": lambda: restart.run(args.quick),
+        "restart": lambda: restart.run(args.quick, args.profile),
         "fanin": lambda: fanin.run(args.quick, ca_port),
         "fleet": lambda: flood.run_fleet(args.quick),
         "idle": lambda: idle.run(args.quick, ca_port, args.profile),

@@ -71,11 +71,27 @@ async def _read_all(s, topics: list[str]) -> tuple[float, int]:
         await c.stop()
 
 
-def _restart(s, name, ddir, port, follower, codec, note) -> tuple[float, int | None, common.Proc]:
+def _restart(s, name, ddir, port, follower, codec, note, profile=False) -> tuple[float, int | None, common.Proc]:
     w = common.worker(s, name, ddir, ca_port=port, grace_s=3600)
     before = len(follower.records)
     t0 = time.time()
     w.start()
+    spy = None
+    if profile:  # py-spy from the start to the probe (bench/results/profile-restart-NAME.txt)
+        from bench.flood import _profile
+
+        spy = _profile(w.pid, 300, common.RESULTS / f"profile-restart-{name}.txt")
+    try:
+        return _wait_probe(s, name, w, before, t0, follower, codec, note)
+    finally:
+        if spy is not None:
+            import signal
+
+            spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            spy.wait(30)
+
+
+def _wait_probe(s, name, w, before, t0, follower, codec, note) -> tuple[float, int | None, common.Proc]:
     value = None if note is None else codec.encode("alarm-activations", {"priority": None, "note": note})
     asyncio.run(common.produce(s, s.topic("alarm-activations"), [(b"RST:PROBE", value)]))
     deadline = time.monotonic() + 600
@@ -90,7 +106,7 @@ def _restart(s, name, ddir, port, follower, codec, note) -> tuple[float, int | N
         time.sleep(0.05)
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, profile: bool = False) -> dict:
     n = scale(quick)
     s = common.settings_for("restart")
     asyncio.run(ensure_topics(s))
@@ -131,13 +147,13 @@ def run(quick: bool) -> dict:
         rss.append(w0.vm_hwm_kib())
         w0.stop(60)
         cold_dir = common.data_dir(s, "restart")
-        cold_s, r, w1 = _restart(s, "cold", cold_dir, dead_port, follower, codec, "cold")
+        cold_s, r, w1 = _restart(s, "cold", cold_dir, dead_port, follower, codec, "cold", profile)
         workers.append(w1)
         rss.append(r)
         time.sleep(3)  # let it commit and settle before stopping
         rss.append(w1.vm_hwm_kib())
         w1.stop(60)
-        warm_s, r, w2 = _restart(s, "warm", cold_dir, dead_port, follower, codec, None)
+        warm_s, r, w2 = _restart(s, "warm", cold_dir, dead_port, follower, codec, None, profile)
         workers.append(w2)
         time.sleep(2)
         rss.append(w2.vm_hwm_kib())
