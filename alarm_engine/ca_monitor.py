@@ -1,28 +1,51 @@
-"""Channel Access monitors for the CA bridge: pyepics subscriptions -> PVState.
+"""Channel Access monitors for the CA bridge: libca channels -> PVState.
 
 This is the I/O half of the bridge and knows nothing about Kafka.  A
-`CAMonitor` owns one pyepics `PV` per subscribed name and turns every monitor
-event, connection loss and "never connected" timeout into a `PVState` that is
-handed to `on_state(pv_name, state)`, or, with `on_states` given, to
-`on_states([(pv_name, state), ...])` a batch at a time.
+`CAMonitor` owns one libca channel and one subscription per subscribed name
+and turns every monitor event, connection loss and "never connected" timeout
+into a `PVState` that is handed to `on_state(pv_name, state)`, or, with
+`on_states` given, to `on_states([(pv_name, state), ...])` a batch at a time.
 
-Threads: pyepics (preemptive libca) calls back on libca's own threads.  With
-an event loop given, states are queued and drained in that loop (e.g. the
-Faust agent's), in the order libca delivered them; only the first state
-queued after a drain wakes the loop (`call_soon_threadsafe`), so a burst of
-events costs one wake-up, and each drain hands its whole batch to
-`on_states` at once.  Without a loop, the callbacks run on the libca (or
-helper) thread, one state at a time, and must be quick and must not call
-subscribe/unsubscribe.  subscribe(), unsubscribe() and clear() may be called
-from any thread (normally the loop's).
+libca directly, not pyepics' PV objects: a PV object costs kilobytes and, per
+event, a layer of Python bookkeeping (cast_args, _set_charval, callbacks by
+keyword); creating one waits on ca_pend_event/ca_pend_io.  At 100,000 PVs that
+was seconds of the event loop per (re)subscription wave and most of the
+worker's memory.  pyepics (pinned in pyproject.toml) is still what loads libca
+and creates the process's CA context; this module uses only its public `ca`
+and `dbr` modules for that and for the DBR structure layouts, and calls libca
+through its own ctypes handle, with its own argument types.
 
-"Never connected": every new subscription gets a deadline `connect_grace_s`
-ahead.  One sweep timer (in the loop, or on a helper thread without one)
-reports all PVs past their deadline and still unconnected in one go, then
-waits for the next deadline, but at least SWEEP_INTERVAL_S after a sweep
-that reported any; so a PV is reported once, between connect_grace_s and
-connect_grace_s + SWEEP_INTERVAL_S after subscribe(), and a timer per PV
-is never needed.
+Threads:
+- Channel work (ca_create_channel, ca_clear_channel) runs on one thread of
+  this monitor, in the order subscribe()/unsubscribe() were called, with one
+  ca_flush_io per batch; subscribe(), unsubscribe() and clear() only record
+  what is wanted and return at once, from any thread.  A name subscribed and
+  unsubscribed before the thread got to it costs nothing.  wait_idle() waits
+  until the thread has caught up.
+- libca calls back on its own threads (preemptive context): connection
+  events create the subscription once the native type is known; monitor
+  events are decoded from the DBR_TIME_* buffer there.  With an event loop
+  given, states are queued and drained in that loop, in the order libca
+  delivered them; only the first state queued after a drain wakes the loop
+  (`call_soon_threadsafe`), so a burst of events costs one wake-up, and each
+  drain hands its whole batch to `on_states` at once.  Without a loop, the
+  callbacks run on the libca (or helper) thread, one state at a time, and
+  must be quick and must not call subscribe/unsubscribe.
+- A callback finds its subscription through an integer key (libca's user
+  pointer), never through a Python object pointer: a late callback of a
+  cleared channel finds nothing and is dropped.
+
+"Never connected": every new channel gets a deadline `connect_grace_s`
+after it is created.  One sweep timer (in the loop, or on a helper thread
+without one) reports all PVs past their deadline and still unconnected in
+one go, then waits for the next deadline, but at least SWEEP_INTERVAL_S
+after a sweep that reported any; so a PV is reported once, between
+connect_grace_s and connect_grace_s + SWEEP_INTERVAL_S after its channel was
+created, and a timer per PV is never needed.
+
+last_state(pv) is the latest state reported for a PV (kept, one per PV), so
+the bridge can report a PV whose partition comes back to this worker without
+a new subscription.
 
 Environment: libca reads EPICS_CA_* once, when its context is created (at the
 first channel), so set them before that, ideally before importing `epics`.
@@ -31,21 +54,17 @@ EPICS_CA_AUTO_ADDR_LIST=NO.  pyepics ships its own libca (epics/clibs); no
 EPICS base install is needed.  It cannot start caRepeater (there is none on
 Linux in the wheel) and says so on stderr once; that only makes reconnection
 after an IOC restart rely on libca's search back-off instead of beacons.
-
-Releasing channels: `PV.disconnect()` alone keeps the libca channel (and its
-entry in `epics.ca._cache`) alive for reuse, so a subscribe/unsubscribe cycle
-would leak one channel per new name.  unsubscribe() therefore also calls
-`ca.clear_channel()` unless another PV object in the process (e.g. one that
-`epics.caget` cached) still uses the same channel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import heapq
 import itertools
 import logging
+import struct
 import threading
 import time
 from typing import Any, Callable, Iterable
@@ -154,24 +173,6 @@ def ioc_time_ms(posixseconds: Any, nanoseconds: Any) -> int | None:
     return secs * 1000 + nsec // 1_000_000
 
 
-class _Sub:
-    """One subscription. `active` is the generation token: once it is False
-    every callback that still arrives for this PV object is dropped."""
-
-    __slots__ = ("name", "mask", "bits", "pv", "active", "connected", "ever_connected",
-                 "never_sent")
-
-    def __init__(self, name: str, mask: frozenset[str], bits: int) -> None:
-        self.name = name
-        self.mask = mask
-        self.bits = bits
-        self.pv: Any = None
-        self.active = True
-        self.connected = False
-        self.ever_connected = False
-        self.never_sent = False
-
-
 class _Deadlines:
     """One daemon thread firing delayed calls, for use without an event loop
     (a threading.Timer per PV would mean a thread per unconnected PV)."""
@@ -218,8 +219,142 @@ class _Deadlines:
                 log.exception("deadline callback failed")
 
 
+
+# ---- libca through ctypes ------------------------------------------------------
+
+ECA_NORMAL = 1
+OP_CONN_UP = 6
+TIME_OFFSET = 14  # DBR_TIME_x = DBR_x + 14 for the native types 0..6
+(T_STRING, T_SHORT, T_FLOAT, T_ENUM, T_CHAR, T_LONG, T_DOUBLE) = range(7)
+_EPICS_EPOCH_OFFSET = 631152000  # EPICS epoch (1990) in POSIX seconds
+
+# status, severity, stamp.secs, stamp.nsec: the head of every DBR_TIME_x.
+_HEAD = struct.Struct("=hhII")
+_ELEMENT = {T_STRING: ("40s", 40), T_SHORT: ("h", 2), T_FLOAT: ("f", 4), T_ENUM: ("H", 2),
+            T_CHAR: ("B", 1), T_LONG: ("i", 4), T_DOUBLE: ("d", 8)}
+
+
+class _EventArgs(ctypes.Structure):
+    """struct event_handler_args (cadef.h); usr is the subscription's key."""
+    _fields_ = [("usr", ctypes.c_void_p), ("chid", ctypes.c_void_p), ("type", ctypes.c_long),
+                ("count", ctypes.c_long), ("dbr", ctypes.c_void_p), ("status", ctypes.c_int)]
+
+
+class _ConnArgs(ctypes.Structure):
+    """struct connection_handler_args (cadef.h)."""
+    _fields_ = [("chid", ctypes.c_void_p), ("op", ctypes.c_long)]
+
+
+_EVENT_CB = ctypes.CFUNCTYPE(None, _EventArgs)
+_CONN_CB = ctypes.CFUNCTYPE(None, _ConnArgs)
+
+_libca = None
+_value_offsets: dict[int, int] = {}
+_libca_lock = threading.Lock()
+# Keys are unique in the process, so a callback can never find another monitor's PV.
+_keys = itertools.count(1)
+# Callback thunks libca may still call: kept for the life of the process.
+_thunks: list = []
+
+
+def _load_libca():
+    """libca with this module's argument types, on pyepics' CA context.
+
+    A handle of our own (same library, same context) so the types set here
+    cannot change pyepics' calls and the other way round."""
+    global _libca
+    with _libca_lock:
+        if _libca is not None:
+            return _libca
+        from epics import ca, dbr
+
+        if ca.libca is None:
+            ca.initialize_libca()  # loads libca and creates the process's CA context
+        lib = ctypes.CDLL(ca.find_libca())
+        lib.ca_create_channel.argtypes = [ctypes.c_char_p, _CONN_CB, ctypes.c_void_p,
+                                          ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
+        lib.ca_clear_channel.argtypes = [ctypes.c_void_p]
+        lib.ca_create_subscription.argtypes = [ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p,
+                                               ctypes.c_long, _EVENT_CB, ctypes.c_void_p,
+                                               ctypes.POINTER(ctypes.c_void_p)]
+        lib.ca_clear_subscription.argtypes = [ctypes.c_void_p]
+        lib.ca_puser.argtypes = [ctypes.c_void_p]
+        lib.ca_puser.restype = ctypes.c_void_p
+        lib.ca_field_type.argtypes = [ctypes.c_void_p]
+        lib.ca_field_type.restype = ctypes.c_short
+        lib.ca_element_count.argtypes = [ctypes.c_void_p]
+        lib.ca_element_count.restype = ctypes.c_ulong
+        lib.ca_flush_io.argtypes = []
+        # Where the value starts in each DBR_TIME_x (pyepics' structures follow db_access.h).
+        layouts = (dbr.time_string, dbr.time_short, dbr.time_float, dbr.time_enum,
+                   dbr.time_char, dbr.time_long, dbr.time_double)
+        for native, layout in enumerate(layouts):
+            _value_offsets[native] = layout.value.offset
+        _libca = lib
+        return lib
+
+
+def _attach_context() -> None:
+    from epics import ca
+
+    ca.use_initial_context()
+
+
+def decode_time_dbr(ftype: int, count: int, raw: int, name: str, elements: int):
+    """(value, severity, status, ioc_time_ms) of a DBR_TIME_x buffer at address `raw`.
+
+    Values as convert_value() makes them: scalars int/float/str, arrays tuples of
+    float (or str), capped at MAX_ARRAY_ELEMENTS; a char array named '...$' is a str."""
+    native = ftype - TIME_OFFSET
+    fmt, size = _ELEMENT[native]
+    offset = _value_offsets[native]
+    count = max(int(count), 1)
+    long_string = native == T_CHAR and elements > 1 and name.endswith("$")
+    n = count if long_string else min(count, MAX_ARRAY_ELEMENTS)
+    buf = ctypes.string_at(raw, offset + n * size)
+    status, severity, secs, nsec = _HEAD.unpack_from(buf)
+    if native == T_STRING:
+        texts = tuple(s.split(b"\0", 1)[0].decode("utf-8", "replace").rstrip()
+                      for s in struct.unpack_from("=" + "40s" * n, buf, offset))
+        value = texts[0] if elements <= 1 and n == 1 else texts
+    elif long_string:
+        value = buf[offset:].split(b"\0", 1)[0].decode("utf-8", "replace")
+    elif count == 1 and not (native == T_CHAR and elements > 1):
+        value = struct.unpack_from("=" + fmt, buf, offset)[0]
+    else:
+        value = tuple(float(v) for v in struct.unpack_from(f"={n}{fmt}", buf, offset))
+    ioc_ms = None if secs == 0 and nsec == 0 else (secs + _EPICS_EPOCH_OFFSET) * 1000 + nsec // 1_000_000
+    return value, severity, status, ioc_ms
+
+
+class _Sub:
+    """One subscription. `active` is the generation token: once it is False
+    every callback that still arrives for it is dropped."""
+
+    __slots__ = ("name", "mask", "bits", "key", "chid", "evid", "ftype", "elements",
+                 "active", "connected", "ever_connected", "never_sent", "last")
+
+    def __init__(self, name: str, mask: frozenset[str], bits: int) -> None:
+        self.name = name
+        self.mask = mask
+        self.bits = bits
+        self.key = next(_keys)
+        self.chid: int | None = None  # libca channel, while it exists
+        self.evid: ctypes.c_void_p | None = None  # libca subscription
+        self.ftype = -1
+        self.elements = 1
+        self.active = True
+        self.connected = False
+        self.ever_connected = False
+        self.never_sent = False
+        self.last: PVState | None = None
+
+
+_CREATE, _CLEAR = "create", "clear"
+
+
 class CAMonitor:
-    """Owns pyepics monitors and reports PVState changes.
+    """Owns libca channels and subscriptions and reports PVState changes.
 
     CAMonitor(on_state, loop, connect_grace_s=5.0, clock=time.time, on_states=None)
 
@@ -237,30 +372,21 @@ class CAMonitor:
     def __init__(self, on_state: OnState | None, loop: asyncio.AbstractEventLoop | None,
                  connect_grace_s: float = 5.0, clock: Callable[[], float] = time.time, *,
                  on_states: OnStates | None = None) -> None:
-        # Imported here, not at module import, so importing this module does
-        # not fix the CA environment before the caller has set it.
-        import epics  # noqa: F401
-        from epics import ca
-
-        self._ca = ca
-        self._pv_class = epics.PV
-        self._pvcache = epics.pv._PVcache_
         if on_state is None and on_states is None:
             raise TypeError("CAMonitor needs on_state or on_states")
+        self._lib = _load_libca()
         self._on_state = on_state
         self._on_states = on_states
         self._loop = loop
         self._grace = float(connect_grace_s)
         self._clock = clock
-        self._subs: dict[str, _Sub] = {}
-        # _lock guards _subs and the per-_Sub flags; callbacks take only this
-        # one, briefly.  _op_lock serializes the libca work of (un)subscribe
-        # and is never taken by callbacks: ca_clear_subscription waits for a
-        # callback in progress, so a callback waiting for a lock held by
-        # an unsubscriber would deadlock.
+        self._subs: dict[str, _Sub] = {}  # wanted, by name
+        self._by_key: dict[int, _Sub] = {}  # with a channel (or about to), by key
+        # _lock guards _subs, _by_key and the per-_Sub flags; callbacks take only
+        # this one, briefly, and no libca call is made while holding it:
+        # ca_clear_channel waits for a callback in progress.
         self._lock = threading.RLock()
-        self._op_lock = threading.Lock()
-        # Subscriptions not connected yet -> monotonic deadline.  One grace
+        # Channels created, not connected yet -> monotonic deadline.  One grace
         # for all, so insertion order is deadline order.  Under _lock.
         self._waiting: collections.OrderedDict[_Sub, float] = collections.OrderedDict()
         self._sweep_armed = False
@@ -271,76 +397,108 @@ class CAMonitor:
         self._queue_lock = threading.Lock()
         self._drain_scheduled = False
         self._closed = False
+        self._conn_cb = _CONN_CB(self._on_connection)
+        self._event_cb = _EVENT_CB(self._on_event)
+        _thunks.extend((self._conn_cb, self._event_cb))
+        # Channel work for the thread, in order.
+        self._ops: collections.deque[tuple[str, _Sub]] = collections.deque()
+        self._ops_cond = threading.Condition()
+        self._ops_busy = False
+        self._ops_stop = False
+        self._open_channels = 0
+        self._thread = threading.Thread(target=self._run_ops, name="ca-channels", daemon=True)
+        self._thread.start()
 
     # ---- public API -------------------------------------------------------
 
-    def subscribe(self, pv: str, mask: frozenset[str] = frozenset()) -> None:
+    def subscribe(self, pv: str, mask: frozenset[str] = frozenset()) -> bool:
         """Monitor `pv` with the mask symbols (VALUE, ALARM, LOG, ATTRIBUTE;
-        empty = VALUE|ALARM).  Same mask again: no-op; other mask: resubscribe."""
+        empty = VALUE|ALARM).  Same mask again: no-op (False); other mask:
+        resubscribe.  True when a new subscription (and so a first state) comes."""
         name = pv.strip()
         if not name:
             raise ValueError("empty PV name")
         bits = mask_bits(mask)
-        with self._op_lock:
+        with self._lock:
             if self._closed:
                 raise RuntimeError("CAMonitor is closed")
-            with self._lock:
+            current = self._subs.get(name)
+            if current is not None and current.bits == bits:
+                return False
+            ops = []
+            if current is not None:
+                self._detach_locked(current)
+                ops.append((_CLEAR, current))
+            sub = _Sub(name, frozenset(m.upper() for m in mask), bits)
+            self._subs[name] = sub
+            ops.append((_CREATE, sub))
+        self._submit(ops)
+        return True
+
+    def subscribe_many(self, items: Iterable[tuple[str, frozenset[str]]]) -> list[str]:
+        """subscribe() for many (pv, mask) at once; the names newly subscribed."""
+        new = []
+        ops = []
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("CAMonitor is closed")
+            for pv, mask in items:
+                name = pv.strip()
+                if not name:
+                    raise ValueError("empty PV name")
+                bits = mask_bits(mask)
                 current = self._subs.get(name)
                 if current is not None and current.bits == bits:
-                    return
+                    continue
                 if current is not None:
                     self._detach_locked(current)
-            if current is not None:
-                self._release(current)
-
-            sub = _Sub(name, frozenset(m.upper() for m in mask), bits)
-            with self._lock:
-                # Registered before the PV exists: libca may call back (even
-                # synchronously, for a channel that is already connected)
-                # before the constructor returns.
+                    ops.append((_CLEAR, current))
+                sub = _Sub(name, frozenset(m.upper() for m in mask), bits)
                 self._subs[name] = sub
-                self._waiting[sub] = time.monotonic() + self._grace
-                if not self._sweep_armed:
-                    self._arm_sweep_locked(self._waiting[sub])
-            try:
-                sub.pv = self._pv_class(
-                    name, form="time", auto_monitor=bits,
-                    connection_callback=lambda pvname=None, conn=None, **kw: self._on_connection(sub, conn),
-                    callback=lambda **kw: self._on_monitor(sub, kw),
-                )
-            except Exception:
-                with self._lock:
-                    self._detach_locked(sub)
-                raise
+                ops.append((_CREATE, sub))
+                new.append(name)
+        self._submit(ops)
+        return new
 
     def unsubscribe(self, pv: str) -> None:
         """Stop monitoring `pv` and release its channel; unknown names are ignored."""
-        name = pv.strip()
-        with self._op_lock:
-            with self._lock:
-                sub = self._subs.get(name)
-                if sub is None:
-                    return
-                self._detach_locked(sub)
-            self._release(sub)
+        self.unsubscribe_many((pv,))
+
+    def unsubscribe_many(self, pvs: Iterable[str]) -> None:
+        ops = []
+        with self._lock:
+            for pv in pvs:
+                sub = self._subs.get(pv.strip())
+                if sub is not None:
+                    self._detach_locked(sub)
+                    ops.append((_CLEAR, sub))
+        self._submit(ops)
 
     def clear(self) -> None:
         """Unsubscribe everything."""
-        with self._op_lock:
-            with self._lock:
-                subs = list(self._subs.values())
-                for sub in subs:
-                    self._detach_locked(sub)
+        with self._lock:
+            subs = list(self._subs.values())
             for sub in subs:
-                self._release(sub)
+                self._detach_locked(sub)
+        self._submit([(_CLEAR, sub) for sub in subs])
 
-    def close(self) -> None:
-        """clear() and stop the helper thread (no-loop mode). Idempotent."""
-        self.clear()
-        with self._op_lock:
+    def close(self, timeout: float = 60.0) -> None:
+        """clear(), release every channel and stop the threads. Idempotent."""
+        with self._lock:
             self._closed = True
+        self.clear()
+        with self._ops_cond:
+            self._ops_stop = True
+            self._ops_cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
         if self._deadlines is not None:
             self._deadlines.stop()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Until every subscribe/unsubscribe so far reached libca (False on timeout)."""
+        with self._ops_cond:
+            return self._ops_cond.wait_for(lambda: not self._ops and not self._ops_busy, timeout)
 
     def subscribed(self) -> set[str]:
         with self._lock:
@@ -349,6 +507,18 @@ class CAMonitor:
     def count(self) -> int:
         with self._lock:
             return len(self._subs)
+
+    def channel_count(self) -> int:
+        """libca channels this monitor holds now (subscriptions not yet made or
+        already released by the channel thread differ from count())."""
+        with self._lock:
+            return self._open_channels
+
+    def last_state(self, pv: str) -> PVState | None:
+        """The latest state reported for `pv` (None: none yet, or not subscribed)."""
+        with self._lock:
+            sub = self._subs.get(pv.strip())
+            return None if sub is None else sub.last
 
     def connection_counts(self) -> dict[str, int]:
         """How many subscriptions are connected, disconnected (after a connection),
@@ -366,7 +536,7 @@ class CAMonitor:
             sub = self._subs.get(pv.strip())
             return None if sub is None else (sub.mask or DEFAULT_MASK)
 
-    # ---- teardown ---------------------------------------------------------
+    # ---- the channel thread -------------------------------------------------
 
     def _detach_locked(self, sub: _Sub) -> None:
         sub.active = False
@@ -374,74 +544,152 @@ class CAMonitor:
             del self._subs[sub.name]
         self._waiting.pop(sub, None)
 
-    def _release(self, sub: _Sub) -> None:
-        """Free the libca resources of a detached subscription (caller holds _op_lock)."""
-        pv, sub.pv = sub.pv, None
-        if pv is None:
+    def _submit(self, ops: list[tuple[str, _Sub]]) -> None:
+        if not ops:
             return
-        ca = self._ca
-        chid = pv.chid
-        # PV.disconnect() drops whatever epics.get_pv() cached under the same
-        # (name, form, context) key, even if it is a different PV object (as
-        # epics.caget/caput create).  Put that one back afterwards.
-        pvid = (pv.pvname, pv.form, pv.context)
-        cached = self._pvcache.get(pvid)
+        with self._ops_cond:
+            self._ops.extend(ops)
+            self._ops_cond.notify_all()
+
+    def _run_ops(self) -> None:
         try:
-            # Threads other than the subscriber's may have no CA context yet.
-            if ca.current_context() is None:
-                ca.attach_context(pv.context)
-            # Clears our callbacks, the subscription (libca waits for a
-            # callback in progress) and our hooks in ca._cache.
-            pv.disconnect()
-            chid_int = getattr(chid, "value", chid)
-            entry = ca._chid_cache.get(chid_int)
-            # The channel is shared per name by every PV object in this
-            # context; clear it only if no one else holds on to it.
-            if entry is not None and not entry.callbacks and not entry.access_event_callback:
-                ca.clear_channel(chid)
+            _attach_context()
         except Exception:
-            log.exception("releasing channel %s failed", sub.name)
-        finally:
-            # Drop the last reference now so PV.__del__ (another disconnect())
-            # runs here, before the get_pv() entry is restored.
-            del pv
-            if cached is not None:
-                self._pvcache.setdefault(pvid, cached)
+            log.exception("cannot attach the CA context: no channel will be created")
+            raise
+        lib = self._lib
+        while True:
+            with self._ops_cond:
+                while not self._ops and not self._ops_stop:
+                    self._ops_cond.wait()
+                if not self._ops:
+                    return
+                batch = list(self._ops)
+                self._ops.clear()
+                self._ops_busy = True
+            try:
+                for op, sub in batch:
+                    try:
+                        if op is _CREATE:
+                            self._create(sub)
+                        else:
+                            self._release(sub)
+                    except Exception:
+                        log.exception("CA channel %s of %s failed", op, sub.name)
+                lib.ca_flush_io()
+            finally:
+                with self._ops_cond:
+                    self._ops_busy = False
+                    self._ops_cond.notify_all()
+
+    def _create(self, sub: _Sub) -> None:
+        with self._lock:
+            if not sub.active:
+                return  # unsubscribed before its channel was made
+            self._by_key[sub.key] = sub
+            self._waiting[sub] = time.monotonic() + self._grace
+            if not self._sweep_armed:
+                self._arm_sweep_locked(self._waiting[sub])
+        chid = ctypes.c_void_p()
+        # The connection callback may run before this returns: it finds the
+        # subscription by its key (the user pointer), not by chid.
+        status = self._lib.ca_create_channel(sub.name.encode(), self._conn_cb, sub.key, 0,
+                                             ctypes.byref(chid))
+        if status != ECA_NORMAL:
+            # Left waiting: reported NEVER_CONNECTED after the grace, like any PV
+            # no IOC serves.
+            log.warning("CA cannot create a channel for %r (status %d)", sub.name, status)
+            return
+        with self._lock:
+            sub.chid = chid.value
+            self._open_channels += 1
+
+    def _release(self, sub: _Sub) -> None:
+        """Free the libca channel of a detached subscription (on the channel thread)."""
+        with self._lock:
+            self._by_key.pop(sub.key, None)
+            chid, sub.chid = sub.chid, None
+        if chid is None:
+            return
+        # Also clears its subscription; waits for a callback of it in progress.
+        self._lib.ca_clear_channel(chid)
+        sub.evid = None
+        with self._lock:
+            self._open_channels -= 1
 
     # ---- callbacks (libca threads) ------------------------------------------
 
-    def _on_connection(self, sub: _Sub, conn: Any) -> None:
+    def _on_connection(self, args: _ConnArgs) -> None:
+        try:
+            chid = args.chid
+            sub = self._by_key.get(self._lib.ca_puser(chid))
+            if sub is None:
+                return
+            if args.op == OP_CONN_UP:
+                self._connected(sub, chid)
+                return
+            with self._lock:
+                if not sub.active:
+                    return
+                was_connected, sub.connected = sub.connected, False
+            if was_connected:
+                self._report(sub, PVState(Connection.DISCONNECTED, None, Severity.INVALID,
+                                          "DISCONNECTED", None, self._now_ms()))
+        except Exception:
+            log.exception("CA connection callback failed")
+
+    def _connected(self, sub: _Sub, chid: int) -> None:
+        lib = self._lib
+        ftype = lib.ca_field_type(chid)
+        elements = lib.ca_element_count(chid)
         with self._lock:
             if not sub.active:
                 return
-            if conn:
-                sub.connected = True
-                sub.ever_connected = True
-                self._waiting.pop(sub, None)
-                # The value follows as a monitor event (libca re-sends it on
-                # every (re)connection), so nothing is emitted here.
+            sub.connected = True
+            sub.ever_connected = True
+            self._waiting.pop(sub, None)
+            sub.elements = elements
+            if sub.evid is not None and sub.ftype == ftype:
+                # libca keeps the subscription over a reconnection and sends the
+                # value again as a monitor event.
                 return
-            was_connected, sub.connected = sub.connected, False
-        if was_connected:
-            self._deliver(sub, PVState(Connection.DISCONNECTED, None, Severity.INVALID,
-                                       "DISCONNECTED", None, self._now_ms()))
+            old, sub.evid = sub.evid, None
+        if ftype not in _ELEMENT:
+            log.warning("CA channel %s has field type %d, which has no DBR_TIME form", sub.name, ftype)
+            return
+        if old is not None:  # the IOC serves the name with another type now
+            lib.ca_clear_subscription(old)
+        evid = ctypes.c_void_p()
+        # Count 0: the server's current element count on every event.
+        status = lib.ca_create_subscription(ftype + TIME_OFFSET, 0, chid, sub.bits,
+                                            self._event_cb, sub.key, ctypes.byref(evid))
+        if status != ECA_NORMAL:
+            log.warning("CA cannot subscribe to %s (status %d)", sub.name, status)
+            return
+        sub.ftype = ftype
+        sub.evid = evid
+        lib.ca_flush_io()
 
-    def _on_monitor(self, sub: _Sub, kw: dict) -> None:
-        if not sub.active:
-            return
-        received = self._now_ms()
+    def _on_event(self, args: _EventArgs) -> None:
         try:
-            state = PVState(
-                Connection.CONNECTED,
-                convert_value(kw.get("value"), sub.name),
-                to_severity(kw.get("severity")),
-                status_name(kw.get("status")),
-                ioc_time_ms(kw.get("posixseconds"), kw.get("nanoseconds")),
-                received,
-            )
+            sub = self._by_key.get(args.usr)
+            if sub is None or not sub.active or args.status != ECA_NORMAL:
+                return
+            received = self._now_ms()
+            try:
+                value, severity, status, ioc_ms = decode_time_dbr(
+                    args.type, args.count, args.dbr, sub.name, sub.elements)
+                state = PVState(Connection.CONNECTED, value, to_severity(severity),
+                                status_name(status), ioc_ms, received)
+            except Exception:
+                log.exception("cannot decode a monitor event of %s", sub.name)
+                return
+            self._report(sub, state)
         except Exception:
-            log.exception("cannot convert monitor event of %s", sub.name)
-            return
+            log.exception("CA event callback failed")
+
+    def _report(self, sub: _Sub, state: PVState) -> None:
+        sub.last = state
         self._deliver(sub, state)
 
     def _deliver(self, sub: _Sub, state: PVState) -> None:
@@ -538,9 +786,12 @@ class CAMonitor:
             if not expired:
                 return
             if self._loop is None:
+                for sub, state in expired:
+                    sub.last = state
                 self._dispatch(expired)
                 return
             for sub, state in expired:
+                sub.last = state
                 self._deliver(sub, state)
 
     def _now_ms(self) -> int:

@@ -65,7 +65,33 @@ def pv_names(prefix: str, count: int = 0) -> list[str]:
     return [prefix + n for n in _FIXED_PVS] + [f"{prefix}PV{i}" for i in range(count)]
 
 
-def _build(prefix: str, count: int) -> None:
+#: --shapes: one channel per CA value shape (for the CA decoding tests), name suffix -> value
+#: as the CA bridge reports it ("REC.VAL$" is a string field read as a char array).
+SHAPES = {
+    "SHAPE:STR": "hello",
+    "SHAPE:STR.VAL$": "hello",
+    "SHAPE:LONG": 42,
+    "SHAPE:ENUM": 2,
+    "SHAPE:WAVE": (1.5, 2.5, 3.5),
+    "SHAPE:LONGWAVE": (1.0, -2.0),
+    "SHAPE:CHARS": (1.0, 2.0),
+}
+
+
+def _build_shapes(prefix: str) -> None:
+    import numpy
+    from softioc import builder
+
+    builder.stringIn(prefix + "SHAPE:STR", initial_value=SHAPES["SHAPE:STR"])
+    builder.longIn(prefix + "SHAPE:LONG", initial_value=SHAPES["SHAPE:LONG"])
+    builder.mbbIn(prefix + "SHAPE:ENUM", "zero", "one", "two", initial_value=SHAPES["SHAPE:ENUM"])
+    builder.WaveformIn(prefix + "SHAPE:WAVE", numpy.array(SHAPES["SHAPE:WAVE"]), length=5)
+    builder.WaveformIn(prefix + "SHAPE:LONGWAVE",
+                       numpy.array(SHAPES["SHAPE:LONGWAVE"], dtype=numpy.int32), length=4)
+    builder.WaveformIn(prefix + "SHAPE:CHARS", numpy.array([1, 2], dtype=numpy.uint8), length=8)
+
+
+def _build(prefix: str, count: int, shapes: bool = False) -> None:
     from softioc import builder
 
     # No device prefix is set in the builder: names are given in full, so any
@@ -78,6 +104,8 @@ def _build(prefix: str, count: int) -> None:
     for i in range(count):
         builder.records.ai(f"{prefix}PV{i}", INP=_NUMBERED_INITIAL, PINI="YES",
                            **_NUMBERED_FIELDS)
+    if shapes:
+        _build_shapes(prefix)
     builder.LoadDatabase()
 
 
@@ -168,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                              "values below the limits (benchmarks; default off)")
     parser.add_argument("--update-paused", action="store_true",
                         help="with --update-rate: start paused; SIGUSR1 toggles updating")
+    parser.add_argument("--shapes", action="store_true",
+                        help="also serve one record per value type (string, long, enum, arrays)")
     parser.add_argument("--all-interfaces", action="store_true",
                         help="do not default the server to loopback-only")
     args = parser.parse_args(argv)
@@ -181,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     # Import only now: libCom reads the EPICS_* environment when the server starts.
     from softioc import asyncio_dispatcher, softioc
 
-    _build(args.prefix, args.count)
+    _build(args.prefix, args.count, args.shapes)
     # The dispatcher only runs on_update hooks of softioc device records (we
     # have none) but iocInit requires one; the default would need cothread.
     dispatcher = asyncio_dispatcher.AsyncioDispatcher()
