@@ -19,18 +19,34 @@ log = logging.getLogger("alarm_engine")
 monitored_view = TableView(monitored)
 
 
+#: How long a revoked partition's CA channels are kept when no assignment follows:
+#: a rebalance revokes everything and usually gives most of it back seconds later.
+PARK_GRACE_S = 120.0
+
+
 class Bridge:
     """Keeps the CA subscriptions equal to the monitored PVs of the partitions
-    this worker owns: subscribe on assign, clear on revoke."""
+    this worker owns.
+
+    On a revoke the partition's channels are parked, not cleared: its PVs stop
+    reporting (their states are not this worker's to send) but stay subscribed.
+    The assignment that follows (sync) keeps the parked PVs it gives back,
+    reporting each one's latest state as a new subscription's first event would,
+    and clears the rest; PARK_GRACE_S after a revoke with no assignment, the
+    parked channels are cleared anyway. So a rebalance that moves nothing costs
+    no CA work, and one that moves a partition costs only that partition's."""
 
     def __init__(self):
         self.monitor = None
-        self.partition_of: dict[str, int] = {}
+        self.partition_of: dict[str, int] = {}  # owned PV -> partition
         self.pending: dict[str, list] = {}  # PV -> states not sent yet, in order
         self.sending: set[int] = set()  # partitions of the batch being sent
         # PV -> partition, subscribed and no state reported yet: its value is not known here.
         self.awaiting: dict[str, int] = {}
         self.synced: set[int] = set()  # partitions whose subscriptions follow the table
+        # PV -> (partition, revoke number): revoked, still subscribed.
+        self.parked: dict[str, tuple[int, int]] = {}
+        self._revokes = 0
         self.wake = asyncio.Event()
 
     def _mon(self):
@@ -43,7 +59,7 @@ class Bridge:
 
     def on_state(self, pv: str, state) -> None:
         if pv not in self.partition_of:
-            return  # late event of a PV just dropped
+            return  # late event of a PV just dropped, or parked
         self.awaiting.pop(pv, None)
         queued = self.pending.setdefault(pv, [])
         # Only an exact repeat (timestamps aside) is merged: a rule can read any value.
@@ -65,9 +81,10 @@ class Bridge:
                 continue
             batch, self.pending = self.pending, {}
             enc = codec().encode
+            owned = self.partition_of
             outs = [Out("pv-state", pv.encode(), enc("pv-state", records.pv_state_datum(st)))
-                    for pv, states in batch.items() for st in states]
-            self.sending = {self.partition_of[pv] for pv in batch if pv in self.partition_of}
+                    for pv, states in batch.items() if pv in owned for st in states]
+            self.sending = {owned[pv] for pv in batch if pv in owned}
             try:
                 await hot.send(outs)
             finally:
@@ -82,30 +99,66 @@ class Bridge:
         held = self.sending | set(self.awaiting.values()) | (set(partitions) - self.synced)
         return held | {self.partition_of[pv] for pv in self.pending if pv in self.partition_of}
 
-    def add(self, pv: str, mask, partition: int) -> None:
-        if pv not in self.partition_of:
-            self.awaiting[pv] = partition
+    def _own(self, pv: str, partition: int, fresh: bool) -> None:
+        """pv is this worker's now; `fresh`: a new subscription, whose first state will come."""
+        adopted = pv not in self.partition_of
+        self.parked.pop(pv, None)
         self.partition_of[pv] = partition
-        self._mon().subscribe(pv, frozenset(mask))
+        if fresh:
+            self.awaiting[pv] = partition
+        elif adopted:
+            # Subscribed all along (parked): report what it shows now.
+            last = self.monitor.last_state(pv)
+            if last is None:
+                self.awaiting[pv] = partition
+            else:
+                self.on_state(pv, last)
+
+    def add(self, pv: str, mask, partition: int) -> None:
+        fresh = self._mon().subscribe(pv, frozenset(mask))
+        self._own(pv, partition, fresh)
 
     def remove(self, pv: str) -> None:
-        self.partition_of.pop(pv, None)
-        self.awaiting.pop(pv, None)
+        self.remove_many((pv,))
+
+    def remove_many(self, pvs) -> None:
+        pvs = list(pvs)
+        for pv in pvs:
+            self.partition_of.pop(pv, None)
+            self.awaiting.pop(pv, None)
+            self.parked.pop(pv, None)
+            self.pending.pop(pv, None)
         if self.monitor is not None:
-            self.monitor.unsubscribe(pv)
+            self.monitor.unsubscribe_many(pvs)
 
     def sync(self, wanted: dict[str, tuple[list, int]], partitions: set[int]) -> None:
+        """The subscriptions become exactly `wanted` (PV -> (mask, partition)), the
+        monitored PVs of the assigned `partitions`; parked PVs not wanted are cleared."""
         self.synced = set(partitions)
-        for pv in set(self.partition_of) - set(wanted):
-            self.remove(pv)
-        for pv, (mask, partition) in wanted.items():
-            self.add(pv, mask, partition)
+        self.remove_many([pv for pv in (*self.partition_of, *self.parked) if pv not in wanted])
+        fresh = set(self._mon().subscribe_many((pv, frozenset(mask)) for pv, (mask, _) in wanted.items()))
+        for pv, (_, partition) in wanted.items():
+            self._own(pv, partition, pv in fresh)
 
     def revoke(self, partitions: set[int]) -> None:
         self.synced -= partitions
+        self._revokes += 1
         for pv, p in list(self.partition_of.items()):
             if p in partitions:
-                self.remove(pv)
+                del self.partition_of[pv]
+                self.awaiting.pop(pv, None)
+                self.pending.pop(pv, None)  # not this worker's to send any more
+                self.parked[pv] = (p, self._revokes)
+        if self.parked:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (unit tests): expire_parked is called by hand
+                return
+            loop.call_later(PARK_GRACE_S, self.expire_parked, self._revokes)
+
+    def expire_parked(self, revoke: int) -> None:
+        """Clear the channels parked by revoke number `revoke` and not wanted since."""
+        self.remove_many([pv for pv, (_, n) in self.parked.items() if n <= revoke])
 
 
 def _same(a, b) -> bool:
