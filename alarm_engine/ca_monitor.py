@@ -61,6 +61,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ctypes
+import functools
 import heapq
 import itertools
 import logging
@@ -115,6 +116,11 @@ def mask_bits(mask: Iterable[str]) -> int:
     for symbol in symbols:
         bits |= MASK_BITS[symbol]
     return bits
+
+
+@functools.lru_cache(maxsize=256)
+def _frozen_mask_bits(mask: frozenset[str]) -> int:
+    return mask_bits(mask)
 
 
 def status_name(status: Any) -> str:
@@ -446,7 +452,8 @@ class CAMonitor:
                 name = pv.strip()
                 if not name:
                     raise ValueError("empty PV name")
-                bits = mask_bits(mask)
+                # 100,000 PVs on a restart share a handful of masks.
+                bits = _frozen_mask_bits(mask) if type(mask) is frozenset else mask_bits(mask)
                 current = self._subs.get(name)
                 if current is not None and current.bits == bits:
                     continue
