@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=FIGURES, action="append", help="run only this figure (repeatable)")
     ap.add_argument("--quick", action="store_true", help="small scale smoke run (minutes, not for the numbers)")
     ap.add_argument("--profile", action="store_true", help="py-spy the worker during the flood "
-                                                           "(bench/results/profile-flood1.txt), the idle "
+                                                           "(bench/results/profile-flood1.txt, "
+                                                           "profile-flood1-rule.txt), the idle "
                                                            "window (profile-idle.txt) and the restarts "
                                                            "(profile-restart-cold/warm.txt)")
     ap.add_argument("--flood-records", type=int, help="pv-state records of the flood and fleet figures "
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
 
     runners = {
         "flood": lambda: flood.run_single(args.quick, args.profile),
-        "flood-rule": lambda: flood.run_single(args.quick, kind="rule"),
+        "flood-rule": lambda: flood.run_single(args.quick, args.profile, kind="rule"),
         "flood-mixed": lambda: flood.run_single(args.quick, kind="mixed"),
         "latency": lambda: latency.run(args.quick, ca_port),
         "restart": lambda: restart.run(args.quick, args.profile),

@@ -133,7 +133,7 @@ async def _engine(n_workers: int, quick: bool, profile: bool, kind: str = "pv") 
             t0 = time.time()
             common.resume(workers)
             if profile:
-                spy = _profile(workers[0].pid, 60, common.RESULTS / f"profile-flood{n_workers}.txt")
+                spy = _profile(workers[0].pid, 60, common.RESULTS / f"profile-flood{n_workers}{'' if kind == 'pv' else '-' + kind}.txt")
             await offs.wait_total(s.topic("active-alarms"), base + n_records, 900, "the flood's active-alarms",
                                   workers, interval=0.5)
             t_end = await offs.last_timestamp(s.topic("active-alarms"))
