@@ -23,6 +23,7 @@ import weakref
 
 import faust
 import rocksdict
+from faust.serializers import codecs
 from faust.streams import _current_event
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
@@ -360,7 +361,30 @@ faust.Worker._setup_spinner_handler = lambda self, logger, level: None
 _changelog_sends: list = []
 
 
+class _JsonModule(codecs.Codec):
+    """The tables' values as the json module writes and reads them.
+
+    Faust's own "json" codec switches to orjson whenever orjson is importable (the
+    engine uses it for pv-home entries), and orjson writes NaN and the infinities as
+    null and refuses them when reading: a rule alarm's PV input at NaN (common in
+    EPICS) would come back as None, and a table written before could not be read."""
+
+    def _loads(self, s: bytes):
+        return json.loads(s)
+
+    def _dumps(self, s) -> bytes:
+        return json.dumps(s, separators=(",", ":")).encode()
+
+
+TABLE_CODEC = "alarm-engine-json"
+codecs.register(TABLE_CODEC, _JsonModule())
+
+
 class Table(faust.Table):
+    def _serializer_from_type(self, typ):
+        serializer = super()._serializer_from_type(typ)
+        return TABLE_CODEC if serializer == "json" else serializer
+
     def send_changelog(self, *args, **kwargs):
         fut = super().send_changelog(*args, **kwargs)
         _changelog_sends.append(fut)

@@ -17,6 +17,24 @@ def test_faust_lists_every_table_with_its_help():
     assert all(len(help_text) > 20 for help_text in tables.values()), tables
 
 
+def test_table_values_keep_nan_and_read_what_the_json_module_wrote():
+    """orjson is installed (pv-home entries), and Faust's "json" codec would use it."""
+    import json
+    import math
+
+    from faust.serializers import codecs
+
+    from alarm_engine.worker.app import alarm_state, monitored, pv_home
+
+    value = {"inputs": {"P": {"value": float("nan")}, "Q": {"value": float("-inf")}}, "n": 2**40}
+    for table in (alarm_state, monitored, pv_home):
+        codec = codecs.get_codec(table.value_serializer)
+        back = codec.loads(codec.dumps(value))
+        assert math.isnan(back["inputs"]["P"]["value"]) and back["inputs"]["Q"]["value"] == -math.inf
+        assert back["n"] == 2**40
+        assert codec.loads(json.dumps(value).encode())["inputs"]["Q"]["value"] == -math.inf
+
+
 def test_every_agent_runs_with_concurrency_one():
     # faust-streaming #606: concurrency > 1 loses offsets.
     from alarm_engine.worker import app
