@@ -19,7 +19,8 @@ from alarm_engine.engine import Out, dead_letter, in_send_order
 from alarm_engine.worker import health
 from alarm_engine.worker.app import LOGICAL, OUT, app, codec, now_ms, settings
 from alarm_engine.worker.exits import EXIT_SEND_FAILED, REGISTRY_RETRY_S, SEND_RETRY_S, fatal
-from alarm_engine.worker.faust_internals import acking_handled, changelog_acked, in_progress
+from alarm_engine.worker.faust_internals import TableStore, acking_handled, changelog_acked, in_progress
+from alarm_engine.worker.hotpath import hot
 from alarm_engine.worker.trace import TRACE, tp_name, trace
 
 log = logging.getLogger("alarm_engine")
@@ -46,6 +47,8 @@ class TableView:
         self.t = table
         self.pending: dict[bytes, object] = {}
         self.batch: dict[bytes, object] = {}
+        self._store: TableStore | None = None
+        self._codec = None
 
     def _get(self, key: str):
         k = key.encode()
@@ -91,21 +94,49 @@ class TableView:
         self.pending.clear()
         self.batch.clear()
 
-    def commit(self, fences: bool = False) -> None:
+    async def commit(self, fences: bool = False) -> None:
         """Write the batch's entries: its state (`fences=False`), then, once that
-        is acknowledged, its fence entries (`fences=True`)."""
+        is acknowledged, its fence entries (`fences=True`).
+
+        Through the hot path's producer, one record batch per changelog partition and one
+        wait, then one RocksDB WriteBatch per partition (hotpath.write_table), as Faust's
+        recovery would apply them: a Faust table write goes through Faust's producer buffer
+        one record at a time, and its stream stops whenever more than 100 wait there (the
+        control path's limit). The entries stay readable from the batch until written."""
         self.keep()
+        direct: dict[int, dict[bytes, bytes | None]] = {}
         for k, (v, event) in list(self.batch.items()):
             if k.startswith(FENCE_PREFIX) != fences:
                 continue
-            del self.batch[k]
-            # Faust writes a table key's changelog record to the partition of the
-            # event in progress: the batch is written after its events, so set it.
-            with in_progress(event):
-                if v is _DELETED:
-                    self.t.pop(k, None)
-                else:
-                    self.t[k] = v
+            if event is None or hot.producer is None:
+                # Not from a record (none are), or before the hot path has started: Faust's
+                # way, whose changelog record goes to the event's partition.
+                del self.batch[k]
+                with in_progress(event):
+                    if v is _DELETED:
+                        self.t.pop(k, None)
+                    else:
+                        self.t[k] = v
+                continue
+            direct.setdefault(event.message.partition, {})[k] = None if v is _DELETED else self._dumps(v)
+        if direct:
+            await hot.write_table(self.store, direct)
+            for kv in direct.values():
+                for k in kv:
+                    self.batch.pop(k, None)
+
+    @property
+    def store(self) -> TableStore:
+        if self._store is None:
+            self._store = TableStore(self.t)
+        return self._store
+
+    def _dumps(self, value) -> bytes:
+        if self._codec is None:
+            from faust.serializers import codecs
+
+            self._codec = codecs.get_codec(self.t.value_serializer)
+        return self._codec.dumps(value)
 
 
 # Each agent keeps in its first table, per input partition, the offset of the last
@@ -167,9 +198,13 @@ async def _send_acked(o: Out) -> None:
 
 async def send_all(outs: list[Out]) -> None:
     """Send and wait until Kafka has acknowledged every record; handovers only once
-    everything else is (engine.Out)."""
+    everything else is (engine.Out). Through the hot path's producer once it runs (one
+    record batch per partition, one wait, retried as a whole), Faust's before."""
     for round_ in in_send_order(outs):
-        await _send_round(round_)
+        if hot.producer is not None:
+            await hot.send(round_)
+        else:
+            await _send_round(round_)
 
 
 async def _send_round(outs: list[Out]) -> None:
@@ -294,9 +329,9 @@ async def handle_batches(stream, compute, views) -> None:
                 view.abandon()
             raise
         for view in views:  # only once the outputs are acknowledged
-            view.commit()
+            await view.commit()
         await changelog_acked()  # then the fences, then the input is acknowledged
-        fence.view.commit(fences=True)
+        await fence.view.commit(fences=True)
         await changelog_acked()
         await ack_handled(stream, done)
 

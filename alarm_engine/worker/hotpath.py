@@ -358,12 +358,21 @@ class HotPath:
         """Records that change no state here (the CA bridge's pv-state): sent, acknowledged."""
         await self._send(outs, {})
 
-    async def _send(self, outs: list[Out], items: dict[int, dict[bytes, bytes | None]]) -> dict[int, int]:
+    async def write_table(self, store: TableStore, items: dict[int, dict[bytes, bytes | None]]) -> None:
+        """The control path's table writes (batches.TableView): changelog records of all
+        partitions sent at once and acknowledged, then one WriteBatch per partition."""
+        offsets = await self._send([], items, store.changelog)
+        for p, kv in items.items():
+            store.write(p, kv, offsets.get(p))
+
+    async def _send(self, outs: list[Out], items: dict[int, dict[bytes, bytes | None]],
+                    changelog: str | None = None) -> dict[int, int]:
         """Send everything, wait once; retried as a whole (a record sent twice is harmless
         on these topics, one lost is not) until SEND_RETRY_S, then exit for a restart.
-        Returns the last offset written to each changelog partition."""
+        Returns the last offset written to each partition of `changelog` (the pv-home
+        table's by default)."""
         delay, deadline = 0.2, time.monotonic() + SEND_RETRY_S
-        changelog = self.store.changelog
+        changelog = changelog or self.store.changelog
         while True:
             try:
                 by_tp: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = {}
