@@ -377,10 +377,14 @@ class CAMonitor:
 
     def __init__(self, on_state: OnState | None, loop: asyncio.AbstractEventLoop | None,
                  connect_grace_s: float = 5.0, clock: Callable[[], float] = time.time, *,
-                 on_states: OnStates | None = None) -> None:
+                 on_states: OnStates | None = None,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
         if on_state is None and on_states is None:
             raise TypeError("CAMonitor needs on_state or on_states")
         self._lib = _load_libca()
+        # Called (on the channel thread) if that thread fails: no channel would be made
+        # or cleared any more, and nothing would say so. The worker exits on it.
+        self._on_failure = on_failure
         self._on_state = on_state
         self._on_states = on_states
         self._loop = loop
@@ -560,10 +564,15 @@ class CAMonitor:
 
     def _run_ops(self) -> None:
         try:
-            _attach_context()
-        except Exception:
-            log.exception("cannot attach the CA context: no channel will be created")
-            raise
+            self._ops_loop()
+        except BaseException as exc:
+            log.critical("the CA channel thread failed: no CA channel is made or cleared any more",
+                         exc_info=True)
+            if self._on_failure is not None:
+                self._on_failure(exc)
+
+    def _ops_loop(self) -> None:
+        _attach_context()
         lib = self._lib
         while True:
             with self._ops_cond:
@@ -661,21 +670,31 @@ class CAMonitor:
                 # value again as a monitor event.
                 return
             old, sub.evid = sub.evid, None
-        if ftype not in _ELEMENT:
-            log.warning("CA channel %s has field type %d, which has no DBR_TIME form", sub.name, ftype)
-            return
         if old is not None:  # the IOC serves the name with another type now
             lib.ca_clear_subscription(old)
+        if ftype not in _ELEMENT:
+            self._no_subscription(sub, f"field type {ftype} has no DBR_TIME form")
+            return
         evid = ctypes.c_void_p()
         # Count 0: the server's current element count on every event.
         status = lib.ca_create_subscription(ftype + TIME_OFFSET, 0, chid, sub.bits,
                                             self._event_cb, sub.key, ctypes.byref(evid))
         if status != ECA_NORMAL:
-            log.warning("CA cannot subscribe to %s (status %d)", sub.name, status)
+            self._no_subscription(sub, f"ca_create_subscription status {status}")
             return
         sub.ftype = ftype
         sub.evid = evid
         lib.ca_flush_io()
+
+    def _no_subscription(self, sub: _Sub, why: str) -> None:
+        """Connected, but no value will come: reported as DISCONNECTED (its alarm shows
+        it) rather than left waiting for a first value, and logged with the reason."""
+        log.warning("CA channel %s is connected but cannot be monitored (%s): reported as disconnected",
+                    sub.name, why)
+        with self._lock:
+            sub.connected = False
+        self._report(sub, PVState(Connection.DISCONNECTED, None, Severity.INVALID, "DISCONNECTED",
+                                  None, self._now_ms()))
 
     def _on_event(self, args: _EventArgs) -> None:
         try:

@@ -54,7 +54,10 @@ class Bridge:
             from alarm_engine.ca_monitor import CAMonitor
 
             self.monitor = CAMonitor(self.on_state, asyncio.get_running_loop(),
-                                     connect_grace_s=settings.connect_grace_s)
+                                     connect_grace_s=settings.connect_grace_s,
+                                     on_failure=lambda exc: fatal(
+                                         "the CA bridge's channel thread failed (%s): exiting so that the "
+                                         "worker restarts", exc, code=EXIT_CRASHED))
         return self.monitor
 
     def on_state(self, pv: str, state) -> None:

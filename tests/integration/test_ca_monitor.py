@@ -433,6 +433,25 @@ def test_subscribe_then_unsubscribe_before_the_channel_thread_costs_nothing(runn
     assert mon.last_state("DEMO:NOT_SUBSCRIBED") is None
 
 
+def test_a_failed_channel_thread_is_reported(running_ioc, loop, monkeypatch):
+    """No channel could be made any more: the owner is told (the worker exits on it)."""
+    import alarm_engine.ca_monitor as ca_monitor
+
+    def broken():
+        raise RuntimeError("no CA context")
+
+    monkeypatch.setattr(ca_monitor, "_attach_context", broken)
+    failed = threading.Event()
+    seen = []
+    mon = CAMonitor(Recorder(), loop, connect_grace_s=GRACE_S,
+                    on_failure=lambda exc: (seen.append(exc), failed.set()))
+    try:
+        assert failed.wait(10)
+        assert isinstance(seen[0], RuntimeError)
+    finally:
+        mon.close(timeout=1)
+
+
 def test_value_shapes_from_the_ioc(running_ioc, mon, rec):
     """Each native type decoded from its DBR_TIME buffer as convert_value() makes
     pyepics' value of it (numeric arrays as tuples of float, '$' char arrays as str)."""
