@@ -487,3 +487,58 @@ def _faust_consumer(monkeypatch, fetch):
         state.clear()
     consumer._probe = None
     return consumer, seeks
+
+
+class _HotWrites:
+    """The hot path's write_table as the control path sees it: what was written, in order."""
+
+    producer = object()
+
+    def __init__(self):
+        self.writes = []
+
+    async def write_table(self, store, items):
+        self.writes.append({p: list(kv) for p, kv in items.items()})
+
+
+class _JsonTable(dict):
+    from alarm_engine.worker.faust_internals import TABLE_CODEC as value_serializer
+
+
+def test_state_and_fences_are_one_write_per_partition_fences_last(monkeypatch):
+    import asyncio
+
+    from alarm_engine.worker import batches
+
+    hot = _HotWrites()
+    monkeypatch.setattr(batches, "hot", hot)
+    view = batches.TableView(_JsonTable())
+    fence0, fence1 = batches.Fence(view), batches.Fence(view)
+    e0, e1 = _Event(0, 5), _Event(1, 9)
+    fence0.mark(e0.message, e0)  # a fence written before the state, in the batch's order
+    view["a"] = {"x": 1}
+    view.keep(e0)
+    view["b"] = {"x": 2}
+    view.keep(e1)
+    fence1.mark(e1.message, e1)
+    asyncio.run(view.commit_with_fences())
+    f0, f1 = (batches.FENCE_PREFIX + b"0"), (batches.FENCE_PREFIX + b"1")
+    assert hot.writes == [{0: [b"a", f0], 1: [b"b", f1]}]
+    assert view.batch == {} and view.get("a") is None  # written (to the fake store: not read back)
+
+
+def test_a_partition_too_large_for_one_record_batch_writes_the_state_first(monkeypatch):
+    import asyncio
+
+    from alarm_engine.worker import batches
+
+    hot = _HotWrites()
+    monkeypatch.setattr(batches, "hot", hot)
+    monkeypatch.setattr(batches, "ONE_WRITE_BYTES", 10)
+    view = batches.TableView(_JsonTable())
+    e0 = _Event(0, 5)
+    view["a"] = {"x": "a long enough value"}
+    view.keep(e0)
+    batches.Fence(view).mark(e0.message, e0)
+    asyncio.run(view.commit_with_fences())
+    assert hot.writes == [{0: [b"a"]}, {0: [batches.FENCE_PREFIX + b"0"]}]
