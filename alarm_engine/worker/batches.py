@@ -28,11 +28,6 @@ log = logging.getLogger("alarm_engine")
 _DELETED = object()
 
 
-# A partition's state and fence entries up to this size go in one record batch (the hot
-# path's producer takes batches of up to 1 MiB), so they are appended atomically.
-ONE_WRITE_BYTES = 256 << 10
-
-
 class TableView:
     """A Faust table (raw bytes keys) under the str-keyed mapping interface engine.py uses.
 
@@ -129,31 +124,6 @@ class TableView:
             for kv in direct.values():
                 for k in kv:
                     self.batch.pop(k, None)
-
-    async def commit_with_fences(self) -> None:
-        """The batch's state and fence entries in one write, where that is one atomic
-        append per changelog partition: one record batch each (a partition's entries well
-        within the producer's batch size), state keys first, then one WriteBatch per
-        partition. A fence then cannot land without the state it vouches for, as with two
-        writes in a row, and the batch waits once instead of twice. Otherwise (Faust's
-        way, or a partition's entries too large for one record batch): the two writes."""
-        self.keep()
-        direct: dict[int, dict[bytes, bytes | None]] = {}
-        if hot.producer is not None and all(event is not None for _, event in self.batch.values()):
-            for k, (v, event) in self.batch.items():
-                direct.setdefault(event.message.partition, {})[k] = None if v is _DELETED else self._dumps(v)
-        if not direct or any(sum(len(k) + len(v or b"") for k, v in kv.items()) > ONE_WRITE_BYTES
-                             for kv in direct.values()):
-            await self.commit()
-            await changelog_acked()
-            await self.commit(fences=True)
-            return
-        ordered = {p: dict(sorted(kv.items(), key=lambda item: item[0].startswith(FENCE_PREFIX)))
-                   for p, kv in direct.items()}
-        await hot.write_table(self.store, ordered)
-        for kv in ordered.values():
-            for k in kv:
-                self.batch.pop(k, None)
 
     @property
     def store(self) -> TableStore:
@@ -358,15 +328,10 @@ async def handle_batches(stream, compute, views) -> None:
             for view in views:
                 view.abandon()
             raise
-        # Only once the outputs are acknowledged: the state and the fences (one atomic
-        # append per partition, or the fences after the state), then the input is acknowledged.
-        if len(views) == 1:
-            await fence.view.commit_with_fences()
-        else:
-            for view in views:
-                await view.commit()
-            await changelog_acked()
-            await fence.view.commit(fences=True)
+        for view in views:  # only once the outputs are acknowledged
+            await view.commit()
+        await changelog_acked()  # then the fences, then the input is acknowledged
+        await fence.view.commit(fences=True)
         await changelog_acked()
         await ack_handled(stream, done)
 
